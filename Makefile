@@ -1,0 +1,46 @@
+# skiptune: `make demo` and `make test` are the whole set-up on a machine with
+# Python 3.11 and g++; both create .venv/ on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+JOBS   ?= 2
+
+.PHONY: setup demo test test-fast models accuracy-table clean help
+
+help:
+	@echo "make setup           create .venv/ and install skiptune with everything the tests need"
+	@echo "make demo            fine-tune digits (rotate:30) on the model device"
+	@echo "make test            run the test suite ($(JOBS) workers)"
+	@echo "make models          retrain the shipped base models (deterministic)"
+	@echo "make accuracy-table  rewrite docs/accuracy.md"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "skiptune needs Python >= 3.11"' \
+		|| { echo "error: $(PYTHON) is older than 3.11; run make PYTHON=python3.11 ..." >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/skiptune finetune --device model --workload digits --drift rotate:30
+
+test: $(STAMP)
+	$(PY) -m pytest -n $(JOBS) -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n $(JOBS) -q -m "not slow"
+
+models: $(STAMP)
+	$(PY) scripts/pretrain.py digits
+	$(PY) scripts/pretrain.py fan
+
+accuracy-table: $(STAMP)
+	$(PY) scripts/accuracy_table.py > docs/accuracy.md
+
+clean:
+	rm -rf build .pytest_cache

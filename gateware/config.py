@@ -1,0 +1,93 @@
+"""The one configuration of a skiptune accelerator.
+
+`AccelConfig` is read by the gateware, the golden model in `sim/`, the compiler in
+`firmware/` and the host. It deliberately imports nothing but the standard library, so
+that `sim/` can import it without importing any gateware.
+
+Fixed-point formats are given as fractional-bit counts ``F_*``: an integer ``q`` stored
+in that format means ``q * 2**-F``. docs/numerics.md is the prose twin of this file.
+"""
+
+import dataclasses
+import hashlib
+import json
+
+__all__ = ["AccelConfig", "DEFAULT"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AccelConfig:
+    # Systolic array of int8 x int8 -> int32 multiply-accumulates.
+    array_rows: int = 8
+    array_cols: int = 8
+
+    # Memory depths, in entries of the natural width of each memory.
+    weight_words: int = 16384          # int8 frozen weights
+    bias_words: int = 512              # int32 frozen biases
+    sample_words: int = 65536          # int8 input samples
+    max_samples: int = 1024            # labels memory / per-sample bookkeeping
+    adapter_words: int = 4096          # int32 master weights of all adapters
+
+    # Activation cache: capacity in samples and the width of a stored activation.
+    cache_samples: int = 512
+    cache_act_words: int = 512         # activations stored per sample (all layers)
+    cache_bits: int = 8                # 8, or 4 (two per byte)
+
+    # Limits the datapath is sized for (accumulator widths are proven against them).
+    max_rank: int = 16
+    max_classes: int = 16
+    max_layers: int = 8
+    max_adapter_in: int = 1024
+    max_batch: int = 256
+
+    # Numeric formats (docs/numerics.md).
+    act_bits: int = 8                  # frozen activations and weights
+    weight_bits: int = 8
+    acc_bits: int = 32                 # frozen-network accumulator
+    logit_bits: int = 16               # base logits f(x) and adapted logits z
+    F_z: int = 8                       # logits
+    master_bits: int = 32              # adapter master weights
+    F_m: int = 24
+    adapter_bits: int = 16             # adapter compute copy of the master weights
+    F_w: int = 12
+    F_h: int = 10                      # adapter hidden h = x A (int16)
+    F_g: int = 14                      # loss gradient softmax(z) - onehot(y) (int16)
+    F_e: int = 12                      # back-projected gradient e = g B^T (int16)
+    exp_entries: int = 256             # exponential table of the loss unit
+    F_t: int = 4                       # table index step: 2**-F_t in logit units
+    F_exp: int = 15                    # table values (uint16, exp(0) = 2**15)
+    recip_bits: int = 31               # reciprocal R = floor(2**recip_bits / sum)
+    # Update rule "shift-Adam" (docs/numerics.md): moments of the batch-summed gradient.
+    F_n: int = 16                      # gradient aligned for the update (int32)
+    F_v: int = 32                      # second moment (unsigned, v_bits wide)
+    v_bits: int = 48
+    beta1_shift: int = 3               # m += (g - m) >> 3:   beta1 = 1 - 2**-3
+    beta2_shift: int = 10              # v += (g*g - v) >> 10: beta2 = 1 - 2**-10
+    lr_mant_bits: int = 16             # learning-rate mantissa (unsigned)
+    lfsr_taps: int = 0x80200003        # Galois LFSR, x^32 + x^22 + x^2 + x + 1
+
+    # Clocking and link.
+    clock_hz: int = 100_000_000
+    baud: int = 3_000_000
+
+    def __post_init__(self):
+        if self.cache_bits not in (4, 8):
+            raise ValueError(f"cache_bits must be 4 or 8, not {self.cache_bits}")
+        for name in ("array_rows", "array_cols", "cache_samples", "max_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+    @property
+    def hash(self):
+        """A 32-bit digest that the device reports and the host checks."""
+        text = json.dumps(self.as_dict(), sort_keys=True).encode()
+        return int.from_bytes(hashlib.sha256(text).digest()[:4], "big")
+
+
+DEFAULT = AccelConfig()
