@@ -53,8 +53,8 @@ class AccelConfig:
     F_h: int = 10                      # adapter hidden h = x A (int16)
     F_g: int = 14                      # loss gradient softmax(z) - onehot(y) (int16)
     F_e: int = 12                      # back-projected gradient e = g B^T (int16)
-    exp_entries: int = 256             # exponential table of the loss unit
-    F_t: int = 4                       # table index step: 2**-F_t in logit units
+    exp_entries: int = 1024            # exponential table of the loss unit (one DP16KD)
+    F_t: int = 6                       # table index step: 2**-F_t in logit units
     F_exp: int = 15                    # table values (uint16, exp(0) = 2**15)
     recip_bits: int = 31               # reciprocal R = floor(2**recip_bits / sum)
     # Update rule "shift-Adam" (docs/numerics.md): moments of the batch-summed gradient.

@@ -100,7 +100,8 @@ def loss_grad(z, y, cfg):
     integer reciprocal (docs/numerics.md, "Loss unit")."""
     table = exp_table(cfg.exp_entries, cfg.F_t, cfg.F_exp)
     z = np.asarray(z, np.int64)
-    t = np.minimum((z.max(axis=1, keepdims=True) - z) >> (cfg.F_z - cfg.F_t), cfg.exp_entries - 1)
+    t = np.minimum(rshift_round(z.max(axis=1, keepdims=True) - z, cfg.F_z - cfg.F_t),
+                   cfg.exp_entries - 1)
     e = table[t]
     total = e.sum(axis=1, keepdims=True)
     recip = (1 << cfg.recip_bits) // total
