@@ -12,7 +12,7 @@ Methods (all float64, same batches as `sim.finetune`):
 import numpy as np
 
 from .float_model import FloatNet, ce_grad
-from .finetune import batch_order, finetune_float, evaluate_float
+from .finetune import batch_order, finetune_float, evaluate_float, float_optimizer
 
 __all__ = ["he_init", "pretrain", "finetune_baseline", "METHODS"]
 
@@ -73,36 +73,42 @@ def _lora_init(layers, rank, seed):
 
 
 def finetune_baseline(method, model, x, y, schedule, cfg, x_eval, y_eval):
-    """Fine-tune with a float method under `schedule` (plain SGD, mean gradient);
-    returns the accuracy on (x_eval, y_eval)."""
+    """Fine-tune with a float method under `schedule` and the device's update rule (its
+    float twin, `MomentSGD`, on batch-summed gradients); returns the accuracy on
+    (x_eval, y_eval)."""
     if method == "skip2-lora":
         return evaluate_float(model, finetune_float(model, x, y, schedule, cfg), x_eval, y_eval)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}")
     layers = model.layers
     params = [(w.copy(), b.copy()) for w, b in model.float_params]
     lora = _lora_init(layers, schedule.rank, schedule.seed) if method == "lora-all" else None
+    opt = float_optimizer(schedule, cfg)
     x = np.asarray(x, np.float64)
+
+    def effective():
+        if lora is None:
+            return params
+        return [(w + a @ b, bias) for (w, bias), (a, b) in zip(params, lora)]
+
     for _ in range(schedule.epochs):
         for idx in batch_order(len(y), schedule.batch, schedule.seed):
-            weights = params if lora is None else [(w + a @ b, bias) for (w, bias), (a, b) in zip(params, lora)]
-            net = FloatNet(layers, weights)
+            net = FloatNet(layers, effective())
             z, trace = net.forward(x[idx])
-            step = schedule.lr / len(idx)
             g = ce_grad(z, y[idx])
             if method == "ft-last":
                 # the last layer's gradient needs no backward pass through the others
-                t = trace[-1]
-                dw = t["cols"].reshape(len(idx), -1).T @ g
-                w, b = params[-1]
-                params[-1] = (w - step * dw, b - step * g.sum(axis=0))
+                dw = trace[-1]["cols"].reshape(len(idx), -1).T @ g
+                w, b = opt.step(list(params[-1]), [dw, g.sum(axis=0)])
+                params[-1] = (w, b)
                 continue
             grads = net.backward(g, trace)
             if method == "ft-all":
-                params = [(w - step * dw, b - step * db) for (w, b), (dw, db) in zip(params, grads)]
-            elif method == "lora-all":
-                lora = [(a - step * dw @ bm.T, bm - step * a.T @ dw)
-                        for (a, bm), (dw, _) in zip(lora, grads)]
+                flat = opt.step([p for wb in params for p in wb], [d for dd in grads for d in dd])
+                params = list(zip(flat[0::2], flat[1::2]))
             else:
-                raise ValueError(f"unknown method {method!r}")
-    weights = params if lora is None else [(w + a @ b, bias) for (w, bias), (a, b) in zip(params, lora)]
-    z, _ = FloatNet(layers, weights).forward(np.asarray(x_eval, np.float64))
+                flat = opt.step([p for ab in lora for p in ab],
+                                [d for (a, bm), (dw, _) in zip(lora, grads) for d in (dw @ bm.T, a.T @ dw)])
+                lora = list(zip(flat[0::2], flat[1::2]))
+    z, _ = FloatNet(layers, effective()).forward(np.asarray(x_eval, np.float64))
     return float((z.argmax(axis=1) == np.asarray(y_eval)).mean())

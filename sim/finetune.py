@@ -17,11 +17,11 @@ from .cache import ActivationCache
 from .fixed import Lfsr, quantize_float
 from .fixed_model import (quantize_input, frozen_forward, cache_format, adapter_forward,
                           loss_grad, argmax, adapter_grads, init_moments, update)
-from .float_model import FloatNet, ce_grad, adapter_logits
+from .float_model import FloatNet, ce_grad, adapter_logits, MomentSGD
 from .float_model import adapter_grads as float_adapter_grads
 
 __all__ = ["Schedule", "init_adapters", "batch_order", "lfsr_seed", "FixedResult",
-           "finetune_fixed", "evaluate_fixed", "finetune_float", "evaluate_float",
+           "finetune_fixed", "evaluate_fixed", "finetune_float", "evaluate_float", "float_optimizer",
            "adapters_sha256", "adapter_macs"]
 
 
@@ -172,6 +172,11 @@ def evaluate_fixed(model, masters, x, y, cfg, chunk=1024):
     return correct / len(y)
 
 
+def float_optimizer(schedule, cfg):
+    """The float twin of the device's update rule, with the schedule's step size."""
+    return MomentSGD(schedule.lr, 2.0 ** -cfg.beta1_shift, 2.0 ** -cfg.beta2_shift)
+
+
 def _float_adapters(model, schedule, cfg):
     return [(a.astype(np.float64) / 2 ** cfg.F_m, b.astype(np.float64))
             for a, b in init_adapters(model, schedule.rank, schedule.seed, cfg)]
@@ -186,9 +191,7 @@ def finetune_float(model, x, y, schedule, cfg, progress=None):
     xs = [t["x"] for t in trace]
     y = np.asarray(y, np.int64)
     adapters = _float_adapters(model, schedule, cfg)
-    moments = [[np.zeros_like(w) for w in pair] for pair in adapters]
-    second = [[np.zeros_like(w) for w in pair] for pair in adapters]
-    b1, b2 = 2.0 ** -cfg.beta1_shift, 2.0 ** -cfg.beta2_shift
+    opt = float_optimizer(schedule, cfg)
     batches = batch_order(len(y), schedule.batch, schedule.seed)
     total, done = schedule.epochs * len(batches), 0
     for _ in range(schedule.epochs):
@@ -196,16 +199,8 @@ def finetune_float(model, x, y, schedule, cfg, progress=None):
             xb = [v[idx] for v in xs]
             z, hs = adapter_logits(base[idx], xb, adapters)
             grads = float_adapter_grads(xb, hs, ce_grad(z, y[idx]), adapters)
-            new = []
-            for l, pair in enumerate(adapters):
-                ws = []
-                for k in (0, 1):
-                    g = grads[l][k]
-                    moments[l][k] += b1 * (g - moments[l][k])
-                    second[l][k] += b2 * (g * g - second[l][k])
-                    ws.append(pair[k] - schedule.lr * moments[l][k] / (np.sqrt(second[l][k]) + 1e-12))
-                new.append(tuple(ws))
-            adapters = new
+            flat = opt.step([w for pair in adapters for w in pair], [g for pair in grads for g in pair])
+            adapters = list(zip(flat[0::2], flat[1::2]))
             done += 1
             if progress:
                 progress(done, total)

@@ -8,7 +8,7 @@ import numpy as np
 
 from .network import im2col, col2im, maxpool, maxpool_backward
 
-__all__ = ["FloatNet", "softmax", "ce_grad", "adapter_logits", "adapter_grads"]
+__all__ = ["FloatNet", "softmax", "ce_grad", "adapter_logits", "adapter_grads", "MomentSGD"]
 
 
 def softmax(z):
@@ -89,3 +89,24 @@ def adapter_grads(xs, hs, g, adapters):
     for x, h, (a, b) in zip(xs, hs, adapters):
         out.append((x.T @ (g @ b.T), h.T @ g))
     return out
+
+
+class MomentSGD:
+    """Float twin of the device's shift-Adam: Adam without bias correction,
+    ``m += b1 (g - m)``, ``v += b2 (g^2 - v)``, ``w -= lr m / sqrt(v)``, on summed batch
+    gradients. The device rounds sqrt(v) to a power of two; this twin does not."""
+
+    def __init__(self, lr, b1, b2, eps=1e-12):
+        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+        self.m = self.v = None
+
+    def step(self, params, grads):
+        if self.m is None:
+            self.m = [np.zeros_like(p) for p in params]
+            self.v = [np.zeros_like(p) for p in params]
+        out = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            self.m[i] += self.b1 * (g - self.m[i])
+            self.v[i] += self.b2 * (g * g - self.v[i])
+            out.append(p - self.lr * self.m[i] / (np.sqrt(self.v[i]) + self.eps))
+        return out
