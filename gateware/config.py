@@ -28,10 +28,10 @@ class AccelConfig:
     max_samples: int = 1024            # labels memory / per-sample bookkeeping
     adapter_words: int = 4096          # int32 master weights of all adapters
 
-    # Activation cache: capacity in samples and the width of a stored activation.
+    # Activation cache: capacity in samples and activations per sample. The width (8
+    # bits, or 4 bits packed two per byte) is a mode chosen per run by the schedule.
     cache_samples: int = 512
     cache_act_words: int = 512         # activations stored per sample (all layers)
-    cache_bits: int = 8                # 8, or 4 (two per byte)
 
     # Limits the datapath is sized for (accumulator widths are proven against them).
     max_rank: int = 16
@@ -50,6 +50,7 @@ class AccelConfig:
     F_m: int = 24
     adapter_bits: int = 16             # adapter compute copy of the master weights
     F_w: int = 12
+    hidden_bits: int = 16              # h and e below
     F_h: int = 10                      # adapter hidden h = x A (int16)
     F_g: int = 14                      # loss gradient softmax(z) - onehot(y) (int16)
     F_e: int = 12                      # back-projected gradient e = g B^T (int16)
@@ -59,10 +60,12 @@ class AccelConfig:
     recip_bits: int = 31               # reciprocal R = floor(2**recip_bits / sum)
     # Update rule "shift-Adam" (docs/numerics.md): moments of the batch-summed gradient.
     F_n: int = 16                      # gradient aligned for the update (int32)
-    F_v: int = 32                      # second moment (unsigned, v_bits wide)
-    v_bits: int = 48
-    beta1_shift: int = 3               # m += (g - m) >> 3:   beta1 = 1 - 2**-3
-    beta2_shift: int = 10              # v += (g*g - v) >> 10: beta2 = 1 - 2**-10
+    F_v: int = 24                      # g*g as it enters the second moment
+    beta1_shift: int = 3               # beta1 = 1 - 2**-3; M = m * 2**3 kept exactly
+    beta2_shift: int = 10              # beta2 = 1 - 2**-10; V = v * 2**10 kept exactly
+    m_bits: int = 40                   # M, signed, at F_n + beta1_shift
+    v_bits: int = 48                   # V, unsigned, at F_v + beta2_shift
+    e_min: int = -12                   # floor of the square-root exponent (Adam's eps)
     lr_mant_bits: int = 16             # learning-rate mantissa (unsigned)
     lfsr_taps: int = 0x80200003        # Galois LFSR, x^32 + x^22 + x^2 + x + 1
 
@@ -71,8 +74,8 @@ class AccelConfig:
     baud: int = 3_000_000
 
     def __post_init__(self):
-        if self.cache_bits not in (4, 8):
-            raise ValueError(f"cache_bits must be 4 or 8, not {self.cache_bits}")
+        if self.F_g > 14:
+            raise ValueError("F_g above 14 would not fit softmax(z) - onehot(y) in int16")
         for name in ("array_rows", "array_cols", "cache_samples", "max_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")

@@ -10,8 +10,10 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from gateware.config import DEFAULT
-from sim.finetune import Schedule
+from sim.finetune import Schedule, check_limits
 from sim.qmodel import ModelFileError
 from .datasets import DatasetError, WORKLOADS, load_workload
 from .device import DEVICES, DeviceError, open_device, save_adapters, load_adapters
@@ -108,7 +110,7 @@ def cmd_info(args):
         cfg = info["config"]
         print(f"skiptune device {info['device']}: config {info['config_hash']}, "
               f"{cfg['array_rows']}x{cfg['array_cols']} array, cache {cfg['cache_samples']} samples "
-              f"x {cfg['cache_act_words']} activations at {cfg['cache_bits']} bits, "
+              f"x {cfg['cache_act_words']} activations (8 or 4 bits), "
               f"{cfg['clock_hz'] / 1e6:g} MHz, {cfg['baud']} baud")
     return 0
 
@@ -116,7 +118,10 @@ def cmd_info(args):
 def _load(args):
     wl = load_workload(args.workload, args.drift, args.data)
     model = load_base_model(args.workload, args.model)
-    if tuple(model.layers[0].in_shape) != tuple(wl.input_shape):
+    first = model.layers[0]
+    same = (first.in_size == int(np.prod(wl.input_shape)) if first.kind == "fc"
+            else tuple(first.in_shape) == tuple(wl.input_shape))
+    if not same:
         raise UsageError(f"model {args.model or args.workload} takes inputs {tuple(model.layers[0].in_shape)}, "
                          f"the {args.workload} data is {tuple(wl.input_shape)}")
     return wl, model
@@ -130,6 +135,10 @@ def cmd_finetune(args):
         raise UsageError(str(e)) from None
     dev = open_device(args.device)
     wl, model = _load(args)
+    try:
+        check_limits(model, schedule, dev.cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     tr, src, tgt = wl.target_train, wl.source_test, wl.target_test
     before = {"source": dev.evaluate(model, None, src.x, src.y), "target": dev.evaluate(model, None, tgt.x, tgt.y)}
     res = dev.finetune(model, tr.x, tr.y, schedule,

@@ -3,7 +3,7 @@
 Per sample, one line of `line_bytes`: every adapter input (all layers, concatenated in
 layer order) as int8 bytes, or at 4 bits as two codes per byte (the earlier element in
 the low nibble), followed by the base logits as little-endian int16. A valid bit per
-line. Capacity comes from `AccelConfig.cache_samples`; sample ``i`` lives in line ``i``
+line. The width (8 or 4) is the run's mode. Capacity comes from `AccelConfig.cache_samples`; sample ``i`` lives in line ``i``
 and samples ``i >= capacity`` are never stored: they are recomputed every epoch
 (counted as misses). docs/numerics.md, "Activation cache".
 """
@@ -16,9 +16,11 @@ __all__ = ["ActivationCache"]
 
 
 class ActivationCache:
-    def __init__(self, model, cfg):
+    def __init__(self, model, cfg, bits=8):
+        if bits not in (4, 8):
+            raise ValueError(f"the cache stores 8 or 4 bits, not {bits}")
         self.cfg = cfg
-        self.bits = cfg.cache_bits
+        self.bits = bits
         self.sizes = model.adapter_inputs
         self.classes = model.classes
         self.capacity = cfg.cache_samples

@@ -20,7 +20,7 @@ from .fixed_model import (quantize_input, frozen_forward, cache_format, adapter_
 from .float_model import FloatNet, ce_grad, adapter_logits, MomentSGD
 from .float_model import adapter_grads as float_adapter_grads
 
-__all__ = ["Schedule", "init_adapters", "batch_order", "lfsr_seed", "FixedResult",
+__all__ = ["Schedule", "check_limits", "init_adapters", "batch_order", "lfsr_seed", "FixedResult",
            "finetune_fixed", "evaluate_fixed", "finetune_float", "evaluate_float", "float_optimizer",
            "adapters_sha256", "adapter_macs"]
 
@@ -42,6 +42,29 @@ class Schedule:
             raise ValueError("the learning rate must be positive")
         if self.cache_bits not in (4, 8):
             raise ValueError("cache bits must be 4 or 8")
+
+
+def check_limits(model, schedule, cfg):
+    """Refuse what the datapath is not sized for (its accumulator widths are proven
+    against these limits in docs/numerics.md)."""
+    problems = []
+    if schedule.batch > cfg.max_batch:
+        problems.append(f"batch {schedule.batch} > {cfg.max_batch}")
+    if schedule.rank > cfg.max_rank:
+        problems.append(f"rank {schedule.rank} > {cfg.max_rank}")
+    if model.classes > cfg.max_classes:
+        problems.append(f"{model.classes} classes > {cfg.max_classes}")
+    if len(model.layers) > cfg.max_layers:
+        problems.append(f"{len(model.layers)} layers > {cfg.max_layers}")
+    if max(model.adapter_inputs) > cfg.max_adapter_in:
+        problems.append(f"adapter input {max(model.adapter_inputs)} > {cfg.max_adapter_in}")
+    words = sum(model.adapter_inputs) * schedule.rank + len(model.layers) * schedule.rank * model.classes
+    if words > cfg.adapter_words:
+        problems.append(f"{words} adapter weights > {cfg.adapter_words}")
+    if not 2.0 ** -14 <= schedule.lr <= 16:
+        problems.append(f"step size {schedule.lr:g} outside [2**-14, 16]")
+    if problems:
+        raise ValueError("the configuration cannot run this: " + "; ".join(problems))
 
 
 def init_adapters(model, rank, seed, cfg):
@@ -94,12 +117,12 @@ class FixedResult:
     seconds: float = 0.0
 
 
-def _gather_inputs(model, xq, idx, cache, cfg, res):
+def _gather_inputs(model, xq, idx, cache, bits, cfg, res):
     """Adapter inputs and base logits of samples ``idx``, through the cache if any."""
     if cache is None:
         base, xs = frozen_forward(model, xq[idx], cfg)
         res.frozen_forwards += len(idx)
-        return cache_format(model, xs, cfg), base
+        return cache_format(model, xs, bits), base
     hit = cache.lookup(idx)
     miss = ~hit
     n = len(idx)
@@ -109,7 +132,7 @@ def _gather_inputs(model, xq, idx, cache, cfg, res):
         base, xs = frozen_forward(model, xq[idx[miss]], cfg)
         res.frozen_forwards += int(miss.sum())
         cache.fill(idx[miss], xs, base)
-        fresh = cache_format(model, xs, cfg)
+        fresh = cache_format(model, xs, bits)
         for l in range(len(xs_out)):
             xs_out[l][miss] = fresh[l]
         base_out[miss] = base
@@ -125,14 +148,14 @@ def _gather_inputs(model, xq, idx, cache, cfg, res):
 def finetune_fixed(model, x, y, schedule, cfg, progress=None):
     """The bit-exact fine-tune. ``x`` float inputs, ``y`` labels; ``progress(done,
     total)`` is called after every batch. Returns a `FixedResult`."""
-    cfg = cfg.replace(cache_bits=schedule.cache_bits)
+    check_limits(model, schedule, cfg)
     t0 = time.perf_counter()
     xq = quantize_input(model, x, cfg)
     y = np.asarray(y, np.int64)
     masters = init_adapters(model, schedule.rank, schedule.seed, cfg)
     moments = init_moments(masters)
     lfsr = Lfsr(lfsr_seed(schedule.seed), cfg.lfsr_taps)
-    cache = ActivationCache(model, cfg) if schedule.cache else None
+    cache = ActivationCache(model, cfg, schedule.cache_bits) if schedule.cache else None
     res = FixedResult(masters)
     batches = batch_order(len(y), schedule.batch, schedule.seed)
     fwd_macs, grad_macs = adapter_macs(model, schedule.rank)
@@ -140,7 +163,7 @@ def finetune_fixed(model, x, y, schedule, cfg, progress=None):
     for _ in range(schedule.epochs):
         loss_sum = 0
         for idx in batches:
-            xs, base = _gather_inputs(model, xq, idx, cache, cfg, res)
+            xs, base = _gather_inputs(model, xq, idx, cache, schedule.cache_bits, cfg, res)
             z, hs = adapter_forward(model, xs, base, masters, cfg)
             g = loss_grad(z, y[idx], cfg)
             loss_sum += int(-g[np.arange(len(idx)), y[idx]].sum())
@@ -150,7 +173,7 @@ def finetune_fixed(model, x, y, schedule, cfg, progress=None):
             done += 1
             if progress:
                 progress(done, total)
-        # 1 - p(y) summed over the epoch, at F_g: a fixed-point stand-in for the loss
+        # mean of 1 - p(y) over the epoch: a fixed-point stand-in for the loss
         res.epoch_losses.append(loss_sum / len(y) / 2 ** cfg.F_g)
     res.masters = masters
     res.frozen_macs = res.frozen_forwards * model.macs
@@ -174,7 +197,7 @@ def evaluate_fixed(model, masters, x, y, cfg, chunk=1024):
 
 def float_optimizer(schedule, cfg):
     """The float twin of the device's update rule, with the schedule's step size."""
-    return MomentSGD(schedule.lr, 2.0 ** -cfg.beta1_shift, 2.0 ** -cfg.beta2_shift)
+    return MomentSGD(schedule.lr, 2.0 ** -cfg.beta1_shift, 2.0 ** -cfg.beta2_shift, 2.0 ** cfg.e_min)
 
 
 def _float_adapters(model, schedule, cfg):

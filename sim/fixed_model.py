@@ -36,7 +36,7 @@ def frozen_forward(model, xq, cfg):
         xs.append(a.reshape(n, -1))
         cols = im2col(a, layer)
         acc = imatmul(cols.reshape(-1, cols.shape[-1]), model.weights[l]) + model.biases[l]
-        if np.abs(acc).max(initial=0) >= acc_lim:
+        if acc.max(initial=0) >= acc_lim or acc.min(initial=0) < -acc_lim:
             raise OverflowError(f"layer {l}: accumulator exceeds {cfg.acc_bits} bits")
         y = requantize(acc, model.shifts[l], model.output_bits(l, cfg))
         if layer.relu:
@@ -67,10 +67,10 @@ def _to4(x, shift, signed):
     return codes4(x, shift, signed) << shift
 
 
-def cache_format(model, xs, cfg):
-    """The adapter inputs as the cache holds them: unchanged at 8 bits; at 4 bits
-    ``clip(rshift_round(x, c4), lo, hi) << c4`` per layer (docs/numerics.md)."""
-    if cfg.cache_bits == 8:
+def cache_format(model, xs, bits):
+    """The adapter inputs as a cache of ``bits`` (8 or 4) holds them: unchanged at 8
+    bits; at 4 bits ``clip(rshift_round(x, c4), lo, hi) << c4`` per layer."""
+    if bits == 8:
         return [np.asarray(x, np.int64) for x in xs]
     c4, signed = model.meta["cache4_shift"], model.meta["cache4_signed"]
     return [_to4(np.asarray(x, np.int64), c4[l], signed[l]) for l, x in enumerate(xs)]
@@ -88,7 +88,7 @@ def adapter_forward(model, xs, base, masters, cfg):
     hs = []
     u = np.zeros_like(base, dtype=np.int64)
     for l, (x, (a, b)) in enumerate(zip(xs, masters)):
-        h = requantize(imatmul(x, compute_copy(a, cfg)), model.s_x[l] + cfg.F_w - cfg.F_h, 16)
+        h = requantize(imatmul(x, compute_copy(a, cfg)), model.s_x[l] + cfg.F_w - cfg.F_h, cfg.hidden_bits)
         hs.append(h)
         u = u + imatmul(h, compute_copy(b, cfg))
     z = saturate(base + rshift_round(u, cfg.F_h + cfg.F_w - cfg.F_z), cfg.logit_bits)
@@ -123,7 +123,7 @@ def adapter_grads(model, xs, hs, g, masters, cfg):
     out = []
     for x, h, (_, b) in zip(xs, hs, masters):
         db = imatmul(h.T, g)
-        e = requantize(imatmul(g, compute_copy(b, cfg).T), cfg.F_g + cfg.F_w - cfg.F_e, 16)
+        e = requantize(imatmul(g, compute_copy(b, cfg).T), cfg.F_g + cfg.F_w - cfg.F_e, cfg.hidden_bits)
         da = imatmul(x.T, e)
         out.append((da, db))
     return out
@@ -146,20 +146,23 @@ def lr_mantissa(lr, cfg):
 
 
 def init_moments(masters):
-    """Zero first and second moments [(m_A, m_B)], [(v_A, v_B)]."""
+    """Zero moments [(M_A, M_B)], [(V_A, V_B)]."""
     zero = [(np.zeros_like(a), np.zeros_like(b)) for a, b in masters]
     return zero, [(np.zeros_like(a), np.zeros_like(b)) for a, b in masters]
 
 
 def _shift_adam(w, m, v, d, f_d, mant, exp, rand32, cfg):
+    b1, b2 = cfg.beta1_shift, cfg.beta2_shift
     g = saturate(rshift_round(d, f_d - cfg.F_n), 32)
-    m = m + rshift_round(g - m, cfg.beta1_shift)
-    g2 = np.minimum(rshift_round(g * g, 2 * cfg.F_n - cfg.F_v), (1 << cfg.v_bits) - 1)
-    v = v + rshift_round(g2 - v, cfg.beta2_shift)
-    # 2**e approximates sqrt(v): e = ceil((log2 v) / 2) from the leading one of v
-    e = (bit_length(v) - cfg.F_v) >> 1
-    e = np.where(v > 0, e, -(cfg.F_v >> 1))
-    shift = exp + e + cfg.F_n - cfg.F_m
+    # The moments carry b extra fraction bits (M = 2**b1 m, V = 2**b2 v), so that they
+    # decay to within a fraction of an LSB of g instead of sticking a few LSBs away.
+    m = saturate(m + g - rshift_round(m, b1), cfg.m_bits)
+    g2 = rshift_round(g * g, 2 * cfg.F_n - cfg.F_v)
+    v = np.clip(v + g2 - rshift_round(v, b2), 0, (1 << cfg.v_bits) - 1)
+    # 2**e stands for sqrt(v): log2(sqrt(v)) rounded to an integer (ties up) from the
+    # leading one of V, floored at e_min (the epsilon of Adam)
+    e = np.maximum((bit_length(v) - cfg.F_v - b2) >> 1, cfg.e_min)
+    shift = exp + e + cfg.F_n + b1 - cfg.F_m
     w = saturate(w - stochastic_rshift(m * mant, shift, rand32), cfg.master_bits)
     return w, m, v
 
@@ -167,9 +170,10 @@ def _shift_adam(w, m, v, d, f_d, mant, exp, rand32, cfg):
 def update(model, masters, moments, grads, lr, lfsr, cfg):
     """shift-Adam on the int32 master weights (docs/numerics.md, "Update"):
 
-        g = sat32(round(dW >> (F_dW - F_n)));  m += round((g - m) >> b1)
-        v += round((min(g*g >> (2 F_n - F_v), vmax) - v) >> b2)
-        e = (bitlen(v) - F_v) >> 1;  W = sat32(W - SR(m * mant, exp + e + F_n - F_m))
+        g = sat32(round(dW >> (F_dW - F_n)))
+        M = sat(M + g - round(M >> b1));  V = clip(V + round(g*g >> (2 F_n - F_v)) - round(V >> b2))
+        e = max((bitlen(V) - F_v - b2) >> 1, e_min)
+        W = sat32(W - SR(M * mant, exp + e + F_n + b1 - F_m))
 
     with one LFSR step per weight, in the order A_0, B_0, A_1, B_1, ... (row-major).
     Returns (masters, (m, v))."""

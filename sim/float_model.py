@@ -93,8 +93,9 @@ def adapter_grads(xs, hs, g, adapters):
 
 class MomentSGD:
     """Float twin of the device's shift-Adam: Adam without bias correction,
-    ``m += b1 (g - m)``, ``v += b2 (g^2 - v)``, ``w -= lr m / sqrt(v)``, on summed batch
-    gradients. The device rounds sqrt(v) to a power of two; this twin does not."""
+    ``m += b1 (g - m)``, ``v += b2 (g^2 - v)``, ``w -= lr m / max(sqrt(v), eps)``, on
+    summed batch gradients. The device rounds sqrt(v) to a power of two; this twin
+    does not."""
 
     def __init__(self, lr, b1, b2, eps=1e-12):
         self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
@@ -108,5 +109,5 @@ class MomentSGD:
         for i, (p, g) in enumerate(zip(params, grads)):
             self.m[i] += self.b1 * (g - self.m[i])
             self.v[i] += self.b2 * (g * g - self.v[i])
-            out.append(p - self.lr * self.m[i] / (np.sqrt(self.v[i]) + self.eps))
+            out.append(p - self.lr * self.m[i] / np.maximum(np.sqrt(self.v[i]), self.eps))
         return out

@@ -81,11 +81,10 @@ def test_cache_lines_byte_layout(digits):
         assert_array_equal(a, b)
     assert_array_equal(got_base, base)
 
-    cfg4 = CFG.replace(cache_bits=4)
-    c4 = ActivationCache(model, cfg4)
+    c4 = ActivationCache(model, CFG, bits=4)
     assert c4.line_bytes == 144 + 20
     c4.fill(np.arange(5), xs, base)
-    ref = cache_format(model, xs, cfg4)
+    ref = cache_format(model, xs, 4)
     got_xs, got_base = c4.read(np.arange(5))
     for a, b in zip(got_xs, ref):
         assert_array_equal(a, b)
