@@ -72,12 +72,13 @@ def _lora_init(layers, rank, seed):
              np.zeros((rank, layer.out_ch))) for layer in layers]
 
 
-def finetune_baseline(method, model, x, y, schedule, cfg, x_eval, y_eval):
+def finetune_baseline(method, model, x, y, schedule, cfg, evals):
     """Fine-tune with a float method under `schedule` and the device's update rule (its
-    float twin, `MomentSGD`, on batch-summed gradients); returns the accuracy on
-    (x_eval, y_eval)."""
+    float twin, `MomentSGD`, on batch-summed gradients); returns the accuracy on each
+    (x, y) of ``evals``."""
     if method == "skip2-lora":
-        return evaluate_float(model, finetune_float(model, x, y, schedule, cfg), x_eval, y_eval)
+        adapters = finetune_float(model, x, y, schedule, cfg)
+        return [evaluate_float(model, adapters, xe, ye) for xe, ye in evals]
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     layers = model.layers
@@ -110,5 +111,6 @@ def finetune_baseline(method, model, x, y, schedule, cfg, x_eval, y_eval):
                 flat = opt.step([p for ab in lora for p in ab],
                                 [d for (a, bm), (dw, _) in zip(lora, grads) for d in (dw @ bm.T, a.T @ dw)])
                 lora = list(zip(flat[0::2], flat[1::2]))
-    z, _ = FloatNet(layers, effective()).forward(np.asarray(x_eval, np.float64))
-    return float((z.argmax(axis=1) == np.asarray(y_eval)).mean())
+    net = FloatNet(layers, effective())
+    return [float((net.forward(np.asarray(xe, np.float64))[0].argmax(axis=1) == np.asarray(ye)).mean())
+            for xe, ye in evals]
