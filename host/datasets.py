@@ -12,6 +12,7 @@ import os
 import re
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -147,6 +148,21 @@ def fan_features(spectrum):
     return np.log10(m + 1e-3)
 
 
+def _read_spectrum(data, where):
+    """One CSV of 512 lines ``bin, magnitude`` -> the 512 magnitudes."""
+    lines = data.strip().splitlines()
+    try:
+        rows = [line.split(b",") for line in lines]
+        if len(rows) != 512 or any(len(r) != 2 for r in rows):
+            raise ValueError(f"expected 512 lines of 'bin, magnitude', got {len(rows)} lines")
+        vals = np.array(rows, dtype=np.float64)
+    except ValueError as e:
+        raise DatasetError(f"corrupt fan spectrum {where}: {e}") from None
+    if not np.isfinite(vals).all():
+        raise DatasetError(f"corrupt fan spectrum {where}: values that are not finite")
+    return vals[:, 1]
+
+
 def _load_fan_env(path, env):
     xs, ys = [], []
     for label, cls in enumerate(FAN_CLASSES):
@@ -156,11 +172,9 @@ def _load_fan_env(path, env):
                 with zipfile.ZipFile(name) as z:
                     members = sorted(m for m in z.namelist() if m.endswith(".csv"))
                     for m in members:
-                        text = z.read(m).replace(b"\n", b",").rstrip(b",")
-                        vals = np.array(text.split(b","), dtype=np.float64).reshape(-1, 2)
-                        xs.append(fan_features(vals[:512, 1]))
+                        xs.append(fan_features(_read_spectrum(z.read(m), f"{name}:{m}")))
                         ys.append(label)
-            except (zipfile.BadZipFile, ValueError) as e:
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
                 raise DatasetError(f"corrupt fan archive {name}: {e}") from None
     return np.array(xs), np.array(ys, dtype=np.int64)
 
@@ -196,7 +210,7 @@ def read_idx(filename):
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise DatasetError(f"corrupt IDX file {filename}: bad gzip data ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DatasetError(f"corrupt IDX file {filename}: bad magic number")
@@ -205,6 +219,8 @@ def read_idx(filename):
         raise DatasetError(f"corrupt IDX file {filename}: truncated header")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     count = int(np.prod(dims))
+    if count == 0:
+        raise DatasetError(f"corrupt IDX file {filename}: it holds no data (dimensions {dims})")
     body = raw[4 + 4 * ndim:]
     if len(body) != count:
         raise DatasetError(f"corrupt IDX file {filename}: header says {count} bytes of data, "

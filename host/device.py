@@ -10,6 +10,8 @@ runs inference with or without adapters.
 import dataclasses
 import os
 import tempfile
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -89,11 +91,23 @@ def save_adapters(path, masters, model_name, cfg, schedule):
         raise DeviceError(f"cannot write {path}: {e.strerror}") from None
 
 
+
+def _open_npz(path):
+    """np.load that accepts only .npz archives (a .npy or a pickle is not ours)."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except ValueError:
+        z = None           # numpy's guess (pickled data) would mislead the user
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError("not an adapters file (no .npz archive)")
+    return z
+
+
 def load_adapters(path, model_name, cfg):
     """Read adapters saved by `save_adapters`; refuse another model, another
     configuration or a corrupt file."""
     try:
-        with np.load(path) as z:
+        with _open_npz(path) as z:
             if int(z["config_hash"]) != cfg.hash:
                 raise DeviceError(f"{path} was trained for configuration {int(z['config_hash']):08x}, "
                                   f"this device is {cfg.hash:08x}")
@@ -103,8 +117,11 @@ def load_adapters(path, model_name, cfg):
             layers = sum(1 for k in z.files if k.startswith("A"))
             masters = [(z[f"A{l}"].astype(np.int64), z[f"B{l}"].astype(np.int64)) for l in range(layers)]
             digest = bytes(z["sha256"]).decode()
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
-        raise DeviceError(f"cannot read adapters from {path}: {e}") from None
+    except DeviceError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError, EOFError,
+            zipfile.BadZipFile, zlib.error) as e:
+        raise DeviceError(f"cannot read adapters from {path}: {e or type(e).__name__}") from None
     if adapters_sha256(masters) != digest:
         raise DeviceError(f"{path} is corrupt: its digest does not match its weights")
     return masters

@@ -13,6 +13,8 @@ from, so the float baselines start from the same network.
 
 import dataclasses
 import json
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -110,13 +112,25 @@ def save_model(model, path):
         np.savez_compressed(f, **arrays)
 
 
+
+def _open_npz(path):
+    """np.load that accepts only .npz archives (a .npy or a pickle is not ours)."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except ValueError:
+        z = None           # numpy's guess (pickled data) would mislead the user
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError("not a skiptune model file (no .npz archive)")
+    return z
+
+
 class ModelFileError(Exception):
     pass
 
 
 def load_model(path):
     try:
-        with np.load(path) as z:
+        with _open_npz(path) as z:
             header = json.loads(bytes(z["header"]).decode())
             if header.get("format") != "skiptune-model-1":
                 raise ModelFileError(f"{path} is not a skiptune model file")
@@ -125,7 +139,10 @@ def load_model(path):
             ws = [z[f"w{l}"].astype(np.int64) for l in range(n)]
             bs = [z[f"b{l}"].astype(np.int64) for l in range(n)]
             fp = [(z[f"fw{l}"].astype(np.float64), z[f"fb{l}"].astype(np.float64)) for l in range(n)]
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelFileError(f"cannot read model file {path}: {e}") from None
+    except ModelFileError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError, EOFError,
+            zipfile.BadZipFile, zlib.error) as e:
+        raise ModelFileError(f"cannot read model file {path}: {e or type(e).__name__}") from None
     return QuantModel(header["name"], layers, ws, bs, header["s_x"], header["s_w"], header["s_y"],
                       fp, header["classes"], header.get("meta", {}))
