@@ -17,6 +17,7 @@ import numpy as np
 
 from gateware.config import DEFAULT
 from sim.finetune import finetune_fixed, evaluate_fixed, adapters_sha256, adapter_macs
+from sim.qmodel import open_npz
 
 __all__ = ["DeviceError", "ModelDevice", "FinetuneResult", "open_device", "DEVICES",
            "save_adapters", "load_adapters"]
@@ -92,22 +93,11 @@ def save_adapters(path, masters, model_name, cfg, schedule):
 
 
 
-def _open_npz(path):
-    """np.load that accepts only .npz archives (a .npy or a pickle is not ours)."""
-    try:
-        z = np.load(path, allow_pickle=False)
-    except ValueError:
-        z = None           # numpy's guess (pickled data) would mislead the user
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError("not an adapters file (no .npz archive)")
-    return z
-
-
 def load_adapters(path, model_name, cfg):
     """Read adapters saved by `save_adapters`; refuse another model, another
     configuration or a corrupt file."""
     try:
-        with _open_npz(path) as z:
+        with open_npz(path, "an adapters file") as z:
             if int(z["config_hash"]) != cfg.hash:
                 raise DeviceError(f"{path} was trained for configuration {int(z['config_hash']):08x}, "
                                   f"this device is {cfg.hash:08x}")

@@ -21,7 +21,7 @@ import numpy as np
 from .fixed import quantize_float
 from .network import Layer
 
-__all__ = ["QuantModel", "quantize_network", "load_model", "save_model"]
+__all__ = ["QuantModel", "quantize_network", "load_model", "save_model", "open_npz", "ModelFileError"]
 
 
 @dataclasses.dataclass
@@ -113,14 +113,15 @@ def save_model(model, path):
 
 
 
-def _open_npz(path):
-    """np.load that accepts only .npz archives (a .npy or a pickle is not ours)."""
+def open_npz(path, kind="a skiptune model file"):
+    """np.load that accepts only .npz archives (a .npy or a pickle is not ours);
+    raises ValueError naming ``kind`` otherwise."""
     try:
         z = np.load(path, allow_pickle=False)
     except ValueError:
         z = None           # numpy's guess (pickled data) would mislead the user
     if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError("not a skiptune model file (no .npz archive)")
+        raise ValueError(f"not {kind} (no .npz archive)")
     return z
 
 
@@ -130,7 +131,7 @@ class ModelFileError(Exception):
 
 def load_model(path):
     try:
-        with _open_npz(path) as z:
+        with open_npz(path) as z:
             header = json.loads(bytes(z["header"]).decode())
             if header.get("format") != "skiptune-model-1":
                 raise ModelFileError(f"{path} is not a skiptune model file")

@@ -18,6 +18,17 @@ NETS = {
 }
 
 
+def _central_diff(flat, i, loss, eps=1e-6):
+    """d loss / d flat[i] by central differences (flat is a view into the parameters)."""
+    old = flat[i]
+    flat[i] = old + eps
+    up = loss()
+    flat[i] = old - eps
+    down = loss()
+    flat[i] = old
+    return (up - down) / (2 * eps)
+
+
 def _loss(net, x, y, weights=None):
     z, _ = net.forward(x, weights)
     p = softmax(z)
@@ -34,29 +45,16 @@ def test_network_gradients_against_finite_differences(name):
     y = rng.integers(0, layers[-1].out_ch, 5)
     z, trace = net.forward(x)
     grads, dxs = net.backward(ce_grad(z, y), trace, need_input_grad=True)
-    eps = 1e-6
     for l, (w, b) in enumerate(params):
         for arr, grad in ((w, grads[l][0]), (b, grads[l][1])):
             flat = arr.reshape(-1)
             for i in rng.choice(flat.size, min(12, flat.size), replace=False):
-                old = flat[i]
-                flat[i] = old + eps
-                up = _loss(net, x, y)
-                flat[i] = old - eps
-                down = _loss(net, x, y)
-                flat[i] = old
-                num = (up - down) / (2 * eps)
+                num = _central_diff(flat, i, lambda: _loss(net, x, y))
                 assert abs(num - grad.reshape(-1)[i]) <= 1e-5 * max(1.0, abs(num)), (l, i, num)
     # gradient of the network input
     flat = x.reshape(-1)
     for i in rng.choice(flat.size, 10, replace=False):
-        old = flat[i]
-        flat[i] = old + eps
-        up = _loss(net, x, y)
-        flat[i] = old - eps
-        down = _loss(net, x, y)
-        flat[i] = old
-        assert abs((up - down) / (2 * eps) - dxs[0].reshape(-1)[i]) <= 1e-5
+        assert abs(_central_diff(flat, i, lambda: _loss(net, x, y)) - dxs[0].reshape(-1)[i]) <= 1e-5
 
 
 def _adapter_case(rng):
@@ -76,18 +74,11 @@ def test_adapter_gradients_against_finite_differences():
 
     z, hs = adapter_logits(base, xs, adapters)
     grads = adapter_grads(xs, hs, ce_grad(z, y), adapters)
-    eps = 1e-6
     for l, (a, b) in enumerate(adapters):
         for k, arr in enumerate((a, b)):
             flat = arr.reshape(-1)
             for i in range(flat.size):
-                old = flat[i]
-                flat[i] = old + eps
-                up = loss()
-                flat[i] = old - eps
-                down = loss()
-                flat[i] = old
-                assert abs((up - down) / (2 * eps) - grads[l][k].reshape(-1)[i]) <= 1e-6
+                assert abs(_central_diff(flat, i, loss) - grads[l][k].reshape(-1)[i]) <= 1e-6
 
 
 def _torch():
