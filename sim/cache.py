@@ -3,7 +3,8 @@
 Per sample, one line of `line_bytes`: every adapter input (all layers, concatenated in
 layer order) as int8 bytes, or at 4 bits as two codes per byte (the earlier element in
 the low nibble), followed by the base logits as little-endian int16. A valid bit per
-line. The width (8 or 4) is the run's mode. Capacity comes from `AccelConfig.cache_samples`; sample ``i`` lives in line ``i``
+line. The width (8 or 4) is the run's mode. Capacity comes from
+`AccelConfig.cache_samples`; sample ``i`` lives in line ``i``
 and samples ``i >= capacity`` are never stored: they are recomputed every epoch
 (counted as misses). docs/numerics.md, "Activation cache".
 """

@@ -97,7 +97,7 @@ class MomentSGD:
     summed batch gradients. The device rounds sqrt(v) to a power of two; this twin
     does not."""
 
-    def __init__(self, lr, b1, b2, eps=1e-12):
+    def __init__(self, lr, b1, b2, eps):
         self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
         self.m = self.v = None
 

@@ -183,6 +183,12 @@ def test_frozen_accumulator_overflow_is_refused():
     model = QuantModel("t", [layer], [w], [np.array([2**31 - 2])], [0], [0], [0], [(w, np.zeros(1))], 1)
     with pytest.raises(OverflowError):
         frozen_forward(model, np.full((1, 1, 1, 4), 127), CFG)
+    # the int32 range itself is accepted, down to -2**31 exactly
+    w = np.full((1, 1), -128)
+    model = QuantModel("t", [layer.__class__("fc", (1, 1, 1), 1, relu=False)], [w],
+                       [np.array([-2**31 + 128 * 127])], [0], [0], [0], [(w, np.zeros(1))], 1)
+    out, _ = frozen_forward(model, np.full((1, 1, 1, 1), 127), CFG)
+    assert out[0, 0] == -2**15
 
 
 def test_loss_unit_within_2_pow_minus_8_of_float():
