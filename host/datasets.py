@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 
 __all__ = ["DatasetError", "Split", "Workload", "WORKLOADS", "DEFAULT_DRIFT",
-           "parse_drift", "load_workload", "read_idx", "default_fan_path"]
+           "parse_drift", "load_workload", "read_idx", "default_fan_path", "pool2"]
 
 SPLIT_SEED = 0          # one shuffle, fixed forever: the splits never change between runs
 WORKLOADS = ("digits", "fan", "mnist")
@@ -228,6 +228,13 @@ def read_idx(filename):
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
+def pool2(images):
+    """2x2 mean of (N, H, W) images (H, W even): MNIST's 28x28 becomes 14x14, so that a
+    sample's adapter inputs fit the activation cache (docs/models.md)."""
+    n, h, w = images.shape
+    return images.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+
+
 def _find(path, stem):
     for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
         f = os.path.join(path, name)
@@ -258,7 +265,10 @@ def _load_mnist(drift, path):
     labels = np.concatenate(labels).astype(np.int64)
     if labels.max() >= 10:
         raise DatasetError(f"labels in {path} go beyond 9")
-    return _split_image_domains(images, labels, drift)
+    if images.shape[1] % 2 or images.shape[2] % 2:
+        raise DatasetError(f"images in {path} are {images.shape[1]}x{images.shape[2]}; mnist needs even sizes")
+    # drift at full resolution, then pool: the drift acts on the images as recorded
+    return tuple(Split(pool2(s.x[..., 0])[..., None], s.y) for s in _split_image_domains(images, labels, drift))
 
 
 # ---------------------------------------------------------------- entry point

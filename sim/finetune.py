@@ -61,6 +61,8 @@ def check_limits(model, schedule, cfg):
     words = sum(model.adapter_inputs) * schedule.rank + len(model.layers) * schedule.rank * model.classes
     if words > cfg.adapter_words:
         problems.append(f"{words} adapter weights > {cfg.adapter_words}")
+    if schedule.cache and sum(model.adapter_inputs) > cfg.cache_act_words:
+        problems.append(f"{sum(model.adapter_inputs)} cached activations per sample > {cfg.cache_act_words}")
     if not 2.0 ** -14 <= schedule.lr <= 16:
         problems.append(f"step size {schedule.lr:g} outside [2**-14, 16]")
     if problems:

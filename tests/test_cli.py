@@ -419,3 +419,24 @@ def test_device_rtl_is_refused_cleanly(cmd):
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and "rtl" in lines[0], res.stderr
     assert res.stdout == ""
+
+
+def test_mnist_flow_from_the_readme(bad_files, tmp_path):
+    """README: train a base model on the user's IDX files, fine-tune with it, then eval
+    with the saved adapters. The model must fit the default configuration."""
+    model, adapters, record = tmp_path / "mnist.npz", tmp_path / "a.npz", tmp_path / "ft.json"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "pretrain.py"), "mnist",
+                          "--data", str(bad_files["mnist_ok"]), "--out", str(model)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    ok(res)
+    common = ["--workload", "mnist", "--data", bad_files["mnist_ok"], "--model", model]
+    ok(run("finetune", *common, "--epochs", "2", "--json", record, "--save-adapters", adapters))
+    ft = json.loads(record.read_text())
+    assert ft["samples"] == expected_mnist_target_train(20) and ft["frozen_forwards"] == ft["samples"]
+    assert HEX64.match(ft["adapters_sha256"])
+    ev = json.loads(ok(run("eval", *common, "--adapters", adapters, "--json", "-")).stdout)
+    assert ev["accuracy"] == ft["accuracy_after"]
+
+
+def expected_mnist_target_train(n):
+    return (n - int(n * 0.6)) // 2

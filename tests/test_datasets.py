@@ -17,7 +17,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from host.datasets import (DatasetError, fan_features, load_workload, parse_drift,
-                           read_idx)
+                           pool2, read_idx)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAN_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "datasets", "cooling-fan"))
@@ -596,22 +596,31 @@ def test_expected_sizes_formula():
     assert expected_sizes(100) == [48, 12, 20, 20]
 
 
+def _pooled_key(x14):
+    """An image's identity after 2x2 pooling: the exact sums of its 2x2 blocks."""
+    sums = np.round(x14 * 1020.0)
+    np.testing.assert_allclose(x14 * 1020.0, sums, atol=1e-9)   # mean of 4 bytes / 255
+    return sums.astype(np.int64).tobytes()
+
+
+def _mnist_index(images):
+    return {_pooled_key(pool2(im[None] / 255.0)[0]): i for i, im in enumerate(images)}
+
+
 def _check_mnist_splits(wl, images, labels, drift_none=None):
     n = len(labels)
     assert [len(getattr(wl, s)) for s in SPLITS] == expected_sizes(n)
     for s in SPLITS:
         sp = getattr(wl, s)
-        assert sp.x.shape == (len(sp), 28, 28, 1), s
+        assert sp.x.shape == (len(sp), 14, 14, 1), s
         assert sp.x.min() >= 0.0 and sp.x.max() <= 1.0, s
-    # source images are the written bytes / 255, with their labels, each used once
-    index = {im.tobytes(): i for i, im in enumerate(images)}
+    # source images are the written bytes / 255 pooled 2x2, with their labels, each used once
+    index = _mnist_index(images)
     used = []
     for s in ("source_train", "source_test") + (("target_train", "target_test") if drift_none else ()):
         sp = getattr(wl, s)
         for x, y in zip(sp.x[..., 0], sp.y):
-            b = np.round(x * 255.0).astype(np.uint8)
-            np.testing.assert_allclose(x, b / 255.0, atol=1e-12)
-            i = index[b.tobytes()]
+            i = index[_pooled_key(x)]
             assert y == labels[i]
             used.append(i)
     assert len(used) == len(set(used))
@@ -619,18 +628,26 @@ def _check_mnist_splits(wl, images, labels, drift_none=None):
         assert sorted(used) == list(range(n))
 
 
+def test_pool2_is_the_2x2_mean():
+    img = np.arange(16, dtype=float).reshape(1, 4, 4)
+    np.testing.assert_array_equal(pool2(img)[0], [[2.5, 4.5], [10.5, 12.5]])
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_loads_idx_folder(tmp_path, gz):
     images, labels = make_mnist(str(tmp_path), 70, 30, gz=gz)
     rot = load_workload("mnist", "rotate:30", data=str(tmp_path))
-    assert rot.classes == 10 and rot.name == "mnist" and rot.input_shape == (28, 28, 1)
+    assert rot.classes == 10 and rot.name == "mnist" and rot.input_shape == (14, 14, 1)
     assert [len(getattr(rot, s)) for s in SPLITS] == [48, 12, 20, 20]
     _check_mnist_splits(rot, images, labels)
     none = load_workload("mnist", "none", data=str(tmp_path))
     _check_mnist_splits(none, images, labels, drift_none=True)
     for s in ("target_train", "target_test"):
-        expected = np.stack([ndi.rotate(img, 30, reshape=False, order=1, mode="constant")
-                             for img in getattr(none, s).x[..., 0]])
+        # drift at 28x28, then pool: rotate the written image the undrifted split holds
+        index = _mnist_index(images)
+        raw = [images[index[_pooled_key(x)]] / 255.0 for x in getattr(none, s).x[..., 0]]
+        expected = pool2(np.stack([ndi.rotate(img, 30, reshape=False, order=1, mode="constant")
+                                   for img in raw]))
         np.testing.assert_allclose(getattr(rot, s).x[..., 0], expected, atol=1e-12)
         np.testing.assert_array_equal(getattr(rot, s).y, getattr(none, s).y)
 

@@ -18,8 +18,11 @@ def architecture(workload, input_shape, classes):
     """The layers of a workload's network for inputs of ``input_shape`` (H, W, C)."""
     h, w, c = input_shape
     if workload in ("digits", "mnist"):
-        l0 = Layer("conv2d", (h, w, c), 8, (3, 3), pad=1, relu=True, pool=2)
-        l1 = Layer("conv2d", l0.out_shape, 16, (3, 3), pad=1, relu=True, pool=2)
+        # mnist (14x14 after pooling) halves the channels so that its adapter inputs,
+        # 196 + 196 + 72 + 32, fit the cache's 512 activations per sample
+        c0, c1 = (8, 16) if workload == "digits" else (4, 8)
+        l0 = Layer("conv2d", (h, w, c), c0, (3, 3), pad=1, relu=True, pool=2)
+        l1 = Layer("conv2d", l0.out_shape, c1, (3, 3), pad=1, relu=True, pool=2)
         l2 = Layer("fc", (1, 1, l1.out_size), 32, relu=True)
         l3 = Layer("fc", (1, 1, 32), classes, relu=False)
         return [l0, l1, l2, l3]
