@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from gateware.config import DEFAULT
-from sim.finetune import Schedule, check_limits
+from sim.finetune import Schedule, ScheduleError, check_limits
 from sim.qmodel import ModelFileError
 from .datasets import DatasetError, WORKLOADS, load_workload
 from .device import DEVICES, DeviceError, open_device, save_adapters, load_adapters
@@ -128,17 +128,11 @@ def _load(args):
 
 
 def cmd_finetune(args):
-    try:
-        schedule = Schedule(epochs=args.epochs, batch=args.batch, rank=args.rank, lr=args.lr,
-                            cache=args.cache == "on", cache_bits=args.cache_bits, seed=args.seed)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    schedule = Schedule(epochs=args.epochs, batch=args.batch, rank=args.rank, lr=args.lr,
+                        cache=args.cache == "on", cache_bits=args.cache_bits, seed=args.seed)
     dev = open_device(args.device)
     wl, model = _load(args)
-    try:
-        check_limits(model, schedule, dev.cfg)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    check_limits(model, schedule, dev.cfg)      # before any work, not after the baseline
     tr, src, tgt = wl.target_train, wl.source_test, wl.target_test
     before = {"source": dev.evaluate(model, None, src.x, src.y), "target": dev.evaluate(model, None, tgt.x, tgt.y)}
     res = dev.finetune(model, tr.x, tr.y, schedule,
@@ -205,7 +199,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     try:
         return {"info": cmd_info, "finetune": cmd_finetune, "eval": cmd_eval}[args.command](args)
-    except (DatasetError, ModelFileError, DeviceError, UsageError) as e:
+    except (DatasetError, ModelFileError, DeviceError, ScheduleError, UsageError) as e:
         print(f"skiptune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -87,12 +87,17 @@ class ActivationCache:
             self.lines[idx[fits]] = lines
             self.valid[idx[fits]] = True
 
+    def holds(self, idx):
+        """Which of the samples ``idx`` have a valid line (a bool mask)."""
+        idx = np.asarray(idx)
+        held = np.zeros(len(idx), bool)
+        inside = idx < self.capacity
+        held[inside] = self.valid[idx[inside]]
+        return held
+
     def lookup(self, idx):
         """Which of ``idx`` hit (a bool mask), counting hits and misses."""
-        idx = np.asarray(idx)
-        hit = np.zeros(len(idx), bool)
-        inside = idx < self.capacity
-        hit[inside] = self.valid[idx[inside]]
+        hit = self.holds(idx)
         self.hits += int(hit.sum())
         self.misses += int((~hit).sum())
         return hit

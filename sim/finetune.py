@@ -20,9 +20,13 @@ from .fixed_model import (quantize_input, frozen_forward, cache_format, adapter_
 from .float_model import FloatNet, ce_grad, adapter_logits, MomentSGD
 from .float_model import adapter_grads as float_adapter_grads
 
-__all__ = ["Schedule", "check_limits", "init_adapters", "batch_order", "lfsr_seed", "FixedResult",
+__all__ = ["Schedule", "ScheduleError", "check_limits", "init_adapters", "batch_order", "lfsr_seed", "FixedResult",
            "finetune_fixed", "evaluate_fixed", "finetune_float", "evaluate_float", "float_optimizer",
            "adapters_sha256", "adapter_macs"]
+
+
+class ScheduleError(ValueError):
+    """A schedule that is invalid, or that the configuration cannot run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +41,11 @@ class Schedule:
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch < 1 or self.rank < 1:
-            raise ValueError("epochs, batch and rank must be at least 1")
+            raise ScheduleError("epochs, batch and rank must be at least 1")
         if not self.lr > 0:
-            raise ValueError("the learning rate must be positive")
+            raise ScheduleError("the learning rate must be positive")
         if self.cache_bits not in (4, 8):
-            raise ValueError("cache bits must be 4 or 8")
+            raise ScheduleError("cache bits must be 4 or 8")
 
 
 def check_limits(model, schedule, cfg):
@@ -66,7 +70,7 @@ def check_limits(model, schedule, cfg):
     if not 2.0 ** -14 <= schedule.lr <= 16:
         problems.append(f"step size {schedule.lr:g} outside [2**-14, 16]")
     if problems:
-        raise ValueError("the configuration cannot run this: " + "; ".join(problems))
+        raise ScheduleError("the configuration cannot run this: " + "; ".join(problems))
 
 
 def init_adapters(model, rank, seed, cfg):
@@ -115,7 +119,6 @@ class FixedResult:
     cache_misses: int = 0
     frozen_macs: int = 0
     adapter_macs: int = 0
-    epoch_losses: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -125,8 +128,7 @@ def _gather_inputs(model, xq, idx, cache, bits, cfg, res):
         base, xs = frozen_forward(model, xq[idx], cfg)
         res.frozen_forwards += len(idx)
         return cache_format(model, xs, bits), base
-    hit = cache.lookup(idx)
-    miss = ~hit
+    miss = ~cache.lookup(idx)
     n = len(idx)
     xs_out = [np.zeros((n, d), np.int64) for d in model.adapter_inputs]
     base_out = np.zeros((n, model.classes), np.int64)
@@ -134,12 +136,14 @@ def _gather_inputs(model, xq, idx, cache, bits, cfg, res):
         base, xs = frozen_forward(model, xq[idx[miss]], cfg)
         res.frozen_forwards += int(miss.sum())
         cache.fill(idx[miss], xs, base)
+        # samples past the capacity are used as computed, in the cache's format
         fresh = cache_format(model, xs, bits)
         for l in range(len(xs_out)):
             xs_out[l][miss] = fresh[l]
         base_out[miss] = base
-    stored = cache.valid[np.minimum(idx, cache.capacity - 1)] & (idx < cache.capacity)
+    stored = cache.holds(idx)
     if stored.any():
+        # everything the cache holds is read back through its bytes, even when just filled
         xs_c, base_c = cache.read(idx[stored])
         for l in range(len(xs_out)):
             xs_out[l][stored] = xs_c[l]
@@ -163,20 +167,16 @@ def finetune_fixed(model, x, y, schedule, cfg, progress=None):
     fwd_macs, grad_macs = adapter_macs(model, schedule.rank)
     total, done = schedule.epochs * len(batches), 0
     for _ in range(schedule.epochs):
-        loss_sum = 0
         for idx in batches:
             xs, base = _gather_inputs(model, xq, idx, cache, schedule.cache_bits, cfg, res)
             z, hs = adapter_forward(model, xs, base, masters, cfg)
             g = loss_grad(z, y[idx], cfg)
-            loss_sum += int(-g[np.arange(len(idx)), y[idx]].sum())
             grads = adapter_grads(model, xs, hs, g, masters, cfg)
             masters, moments = update(model, masters, moments, grads, schedule.lr, lfsr, cfg)
             res.adapter_macs += len(idx) * (fwd_macs + grad_macs)
             done += 1
             if progress:
                 progress(done, total)
-        # mean of 1 - p(y) over the epoch: a fixed-point stand-in for the loss
-        res.epoch_losses.append(loss_sum / len(y) / 2 ** cfg.F_g)
     res.masters = masters
     res.frozen_macs = res.frozen_forwards * model.macs
     if cache is not None:

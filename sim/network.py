@@ -167,7 +167,7 @@ def maxpool_backward(dout, y, layer):
     dflat = mask * dout[:, :, :, None, :]
     dv = dflat.reshape(v.shape)
     dy = np.zeros_like(y)
-    n_, h, w, c = y.shape
+    _, h, w, c = y.shape
     p = layer.pool
     if layer.kind == "conv1d":
         dy[:, :, : (w // p) * p, :] = dv.reshape(n, h, (w // p) * p, c)
