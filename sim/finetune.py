@@ -164,7 +164,6 @@ def finetune_fixed(model, x, y, schedule, cfg, progress=None):
     cache = ActivationCache(model, cfg, schedule.cache_bits) if schedule.cache else None
     res = FixedResult(masters)
     batches = batch_order(len(y), schedule.batch, schedule.seed)
-    fwd_macs, grad_macs = adapter_macs(model, schedule.rank)
     total, done = schedule.epochs * len(batches), 0
     for _ in range(schedule.epochs):
         for idx in batches:
@@ -173,12 +172,12 @@ def finetune_fixed(model, x, y, schedule, cfg, progress=None):
             g = loss_grad(z, y[idx], cfg)
             grads = adapter_grads(model, xs, hs, g, masters, cfg)
             masters, moments = update(model, masters, moments, grads, schedule.lr, lfsr, cfg)
-            res.adapter_macs += len(idx) * (fwd_macs + grad_macs)
             done += 1
             if progress:
                 progress(done, total)
     res.masters = masters
     res.frozen_macs = res.frozen_forwards * model.macs
+    res.adapter_macs = len(y) * schedule.epochs * sum(adapter_macs(model, schedule.rank))
     if cache is not None:
         res.cache_hits, res.cache_misses = cache.hits, cache.misses
     res.seconds = time.perf_counter() - t0
