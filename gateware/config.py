@@ -27,6 +27,7 @@ class AccelConfig:
     sample_words: int = 65536          # int8 input samples
     max_samples: int = 1024            # labels memory / per-sample bookkeeping
     adapter_words: int = 4096          # int32 master weights of all adapters
+    act_words: int = 512               # activation buffer, words of array_cols int8 lanes
 
     # Activation cache: capacity in samples and activations per sample. The width (8
     # bits, or 4 bits packed two per byte) is a mode chosen per run by the schedule.

@@ -1,0 +1,280 @@
+"""Conv unit: walks a conv or fc layer through the systolic array and post-processes the
+results into the next layer's activations.
+
+Feeder: the array's R rows take R output pixels at once (in the pooling-order walk of
+firmware/layers.py); each reduction step k = (ki, kj, c) reads, per row, one input word
+from that row's own copy of the activation buffer and picks lane c % C, zero where the
+window leaves the image (padding) or the row has no pixel (the last tile); the weight
+word of step k gives the C columns. Output: bias, round-half-up shift, saturation to
+int8 (int16 for logits), ReLU, then the running max of every pooling window's
+consecutive rows, one output word per (pooled) pixel and output group.
+
+Ref: docs/numerics.md, "Frozen network"; sim.fixed_model.layer_forward.
+"""
+
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from firmware.layers import ADDR_BITS, ConvDescriptor
+from .layouts import conv_out_layout, feed_layout, result_layout
+
+__all__ = ["ConvUnit"]
+
+_Pixel = data.StructLayout({
+    "ih0": signed(10), "iw0": signed(10),      # input row/column of the window's corner
+    "addr": signed(ADDR_BITS + 1),             # its word offset from in_base
+    "valid": unsigned(1),                      # a real output pixel (not past m_pix)
+})
+
+
+def _read_port(width):
+    return In(memory.ReadPort.Signature(addr_width=ADDR_BITS, shape=unsigned(width)))
+
+
+class ConvUnit(wiring.Component):
+    """Drives the systolic array for one layer at a time.
+
+    Members
+    -------
+    start, desc : In    a `firmware.layers.ConvDescriptor`, taken when start is high and
+                        the unit is idle
+    busy        : Out   from the cycle after start until the last output word is taken
+    feed        : Out   stream to the array (`feed_layout`)
+    result      : In    stream from the array (`result_layout`)
+    act         : R read ports (one per array row) of the activation buffer copies
+    weight, bias: read ports of the weight (C x int8) and bias (C x int32) memories
+    o           : Out   stream of output words (`conv_out_layout`): address, C lanes
+                        (int8 or int16 values), ``last`` on the layer's final word
+
+    Timing: R cycles to line up the first tile's pixels, then one reduction step per
+    cycle; a tile takes max(K, R) cycles, and tiles of a layer follow back to back.
+    Results leave ~C + 9 cycles after their tile's last step (array latency, three
+    post-processing stages).
+    """
+
+    def __init__(self, rows, cols, acc_width=32):
+        self._rows, self._cols, self._acc_width = rows, cols, acc_width
+        super().__init__(self._members(rows, cols, acc_width))
+
+    @staticmethod
+    def _members(rows, cols, acc_width):
+        members = {
+            "start": In(1),
+            "desc": In(ConvDescriptor),
+            "busy": Out(1),
+            "feed": Out(stream.Signature(feed_layout(rows, cols))),
+            "result": In(stream.Signature(result_layout(cols, acc_width))),
+            "weight": _read_port(8 * cols),
+            "bias": _read_port(acc_width * cols),
+            "o": Out(stream.Signature(conv_out_layout(cols, 16, ADDR_BITS))),
+        }
+        for r in range(rows):
+            members[f"act{r}"] = _read_port(8 * cols)
+        return members
+
+    def elaborate(self, platform):
+        m = Module()
+        R, C = self._rows, self._cols
+        d = Signal(ConvDescriptor)                  # the layer being run
+        acts = [getattr(self, f"act{r}") for r in range(R)]
+
+        # ------------------------------------------------------------------ control
+        feeding = Signal()
+        draining = Signal()
+        finished = Signal()                         # the output side took the last word
+        m.d.comb += self.busy.eq(feeding | draining)
+        begin = self.start & ~self.busy
+        with m.If(begin):
+            m.d.sync += [d.eq(self.desc), feeding.eq(1), draining.eq(1)]
+        with m.If(finished):
+            m.d.sync += draining.eq(0)
+
+        # ------------------------------------------------- pixel walk (one per cycle)
+        st = Signal(_Pixel)
+        st_dx, st_dy = Signal(2), Signal(2)
+        st_px = Signal(8)
+        st_slot = Signal(16)
+        chain = [Signal(_Pixel, name=f"nxt{r}") for r in range(R)]
+        cur = [Signal(_Pixel, name=f"cur{r}") for r in range(R)]
+        produced = Signal(range(R + 1))
+        tile_start = Signal()                       # a tile's first step is issued
+
+        produce = feeding & (produced < R)
+        with m.If(begin):
+            m.d.sync += [st.ih0.eq(-self.desc.pad_h), st.iw0.eq(-self.desc.pad_w),
+                         st.addr.eq(self.desc.addr0), st_dx.eq(0), st_dy.eq(0), st_px.eq(0),
+                         st_slot.eq(0), produced.eq(0)]
+        with m.Elif(produce):
+            out = Signal(_Pixel)
+            m.d.comb += [out.eq(st), out.valid.eq(st_slot < d.m_pix)]
+            m.d.sync += [chain[R - 1].eq(out), produced.eq(produced + 1)]
+            m.d.sync += [chain[r].eq(chain[r + 1]) for r in range(R - 1)]
+            kind = Signal(2)
+            with m.If(st_dx + 1 < d.pool_w):
+                m.d.comb += kind.eq(0)
+                m.d.sync += st_dx.eq(st_dx + 1)
+            with m.Elif(st_dy + 1 < d.pool_h):
+                m.d.comb += kind.eq(1)
+                m.d.sync += [st_dx.eq(0), st_dy.eq(st_dy + 1)]
+            with m.Elif(st_px + 1 < d.wp):
+                m.d.comb += kind.eq(2)
+                m.d.sync += [st_dx.eq(0), st_dy.eq(0), st_px.eq(st_px + 1)]
+            with m.Else():
+                m.d.comb += kind.eq(3)
+                m.d.sync += [st_dx.eq(0), st_dy.eq(0), st_px.eq(0)]
+            with m.If(st_slot == d.tiles * R - 1):
+                # the walk restarts for the next output group
+                m.d.sync += [st.ih0.eq(-d.pad_h), st.iw0.eq(-d.pad_w), st.addr.eq(d.addr0),
+                             st_dx.eq(0), st_dy.eq(0), st_px.eq(0), st_slot.eq(0)]
+            with m.Else():
+                m.d.sync += [st.ih0.eq(st.ih0 + d.step_ih[kind]),
+                             st.iw0.eq(st.iw0 + d.step_iw[kind]),
+                             st.addr.eq(st.addr + d.step_addr[kind]),
+                             st_slot.eq(st_slot + 1)]
+        with m.If(tile_start):
+            m.d.sync += [cur[r].eq(chain[r]) for r in range(R)]
+            m.d.sync += produced.eq(0)
+
+        # ------------------------------------------------------- reduction-step loop
+        k = Signal(16)
+        lane, cg = Signal(range(C)), Signal(8)
+        c = Signal(12)
+        ki, kj = Signal(8), Signal(8)
+        koff = Signal(ADDR_BITS)                    # (ki * W + kj) * G
+        tile, group = Signal(12), Signal(8)
+        w_addr, w_group = Signal(ADDR_BITS), Signal(ADDR_BITS)
+
+        # stage B: the beat whose memory reads were issued last cycle
+        b_valid = Signal()
+        b_mask = Signal(R)
+        b_lane = Signal(range(C))
+        b_last = Signal()
+        advance = ~b_valid | self.feed.ready
+        first = k == 0
+        issue = feeding & advance & (~first | (produced == R))
+        m.d.comb += tile_start.eq(issue & first)
+
+        for r in range(R):
+            pix = Signal(_Pixel, name=f"row{r}")
+            m.d.comb += pix.eq(Mux(first, chain[r], cur[r]))
+            ih, iw = Signal(signed(11), name=f"ih{r}"), Signal(signed(11), name=f"iw{r}")
+            m.d.comb += [ih.eq(pix.ih0 + ki), iw.eq(pix.iw0 + kj)]
+            inside = pix.valid & (ih >= 0) & (ih < d.in_h) & (iw >= 0) & (iw < d.in_w)
+            m.d.comb += [acts[r].addr.eq(d.in_base + pix.addr + koff + cg), acts[r].en.eq(issue)]
+            with m.If(issue):
+                m.d.sync += b_mask[r].eq(inside)
+        m.d.comb += [self.weight.addr.eq(w_addr), self.weight.en.eq(issue)]
+
+        with m.If(begin):
+            m.d.sync += [k.eq(0), lane.eq(0), cg.eq(0), c.eq(0), ki.eq(0), kj.eq(0), koff.eq(0),
+                         tile.eq(0), group.eq(0), w_addr.eq(self.desc.w_base),
+                         w_group.eq(self.desc.w_base), b_valid.eq(0)]
+        with m.Elif(issue):
+            m.d.sync += [b_valid.eq(1), b_lane.eq(lane), b_last.eq(k == d.k_len - 1)]
+            with m.If(k == d.k_len - 1):
+                m.d.sync += [k.eq(0), lane.eq(0), cg.eq(0), c.eq(0), ki.eq(0), kj.eq(0), koff.eq(0)]
+                with m.If(tile == d.tiles - 1):
+                    m.d.sync += [tile.eq(0), group.eq(group + 1),
+                                 w_addr.eq(w_group + d.k_len), w_group.eq(w_group + d.k_len)]
+                    with m.If(group == d.g_out - 1):
+                        m.d.sync += feeding.eq(0)
+                with m.Else():
+                    m.d.sync += [tile.eq(tile + 1), w_addr.eq(w_group)]
+            with m.Else():
+                m.d.sync += [k.eq(k + 1), w_addr.eq(w_addr + 1)]
+                with m.If(c == d.cin - 1):
+                    m.d.sync += [c.eq(0), lane.eq(0), cg.eq(0)]
+                    with m.If(kj == d.kw - 1):
+                        m.d.sync += [kj.eq(0), ki.eq(ki + 1), koff.eq(koff + d.k_row_step)]
+                    with m.Else():
+                        m.d.sync += [kj.eq(kj + 1), koff.eq(koff + d.g_in)]
+                with m.Else():
+                    m.d.sync += c.eq(c + 1)
+                    with m.If(lane == C - 1):
+                        m.d.sync += [lane.eq(0), cg.eq(cg + 1)]
+                    with m.Else():
+                        m.d.sync += lane.eq(lane + 1)
+        with m.Elif(self.feed.ready):
+            m.d.sync += b_valid.eq(0)
+
+        m.d.comb += [self.feed.valid.eq(b_valid), self.feed.payload.last.eq(b_last)]
+        for r in range(R):
+            byte = acts[r].data.word_select(b_lane, 8).as_signed()
+            m.d.comb += self.feed.payload.a[r].eq(Mux(b_mask[r], byte, 0))
+        for j in range(C):
+            m.d.comb += self.feed.payload.b[j].eq(self.weight.data.word_select(j, 8).as_signed())
+
+        # ------------------------------------------------------------ output side
+        o_slot = Signal(16)
+        o_group = Signal(8)
+        bias = Signal(data.ArrayLayout(signed(self._acc_width), C))
+        bias_state = Signal(2)                      # 0 read it, 1 reading, 2 held
+        with m.If(begin):
+            m.d.sync += [o_slot.eq(0), o_group.eq(0), bias_state.eq(0)]
+        with m.Elif(draining & (bias_state == 0)):
+            m.d.sync += bias_state.eq(1)
+        with m.Elif(bias_state == 1):
+            m.d.sync += [bias.eq(self.bias.data), bias_state.eq(2)]
+        m.d.comb += [self.bias.addr.eq(d.b_base + o_group), self.bias.en.eq(bias_state == 0)]
+
+        enable = ~self.o.valid | self.o.ready       # the whole pipeline moves together
+        take = self.result.valid & enable & (bias_state == 2)
+        m.d.comb += self.result.ready.eq(enable & (bias_state == 2))
+
+        pool_n = Signal(3)
+        m.d.comb += pool_n.eq(d.pool_h * d.pool_w)
+        phase = Signal(2)
+        out_addr, out_group = Signal(ADDR_BITS), Signal(ADDR_BITS)
+        # stage 1: bias
+        s1_valid, s1_emit, s1_first, s1_last = Signal(), Signal(), Signal(), Signal()
+        s1_addr = Signal(ADDR_BITS)
+        s1_sum = Signal(data.ArrayLayout(signed(self._acc_width + 1), C))
+        # stage 2: requantize
+        s2_valid, s2_emit, s2_first, s2_last = Signal(), Signal(), Signal(), Signal()
+        s2_addr = Signal(ADDR_BITS)
+        s2_y = Signal(data.ArrayLayout(signed(16), C))
+        pool_max = Signal(data.ArrayLayout(signed(16), C))
+
+        with m.If(begin):
+            m.d.sync += [phase.eq(0), out_addr.eq(self.desc.out_base),
+                         out_group.eq(self.desc.out_base)]
+        with m.If(enable):
+            keep = take & (o_slot < d.m_pix)
+            m.d.sync += [s1_valid.eq(keep), s1_emit.eq(phase == pool_n - 1),
+                         s1_first.eq(phase == 0), s1_addr.eq(out_addr),
+                         s1_last.eq((o_group == d.g_out - 1) & (o_slot == d.m_pix - 1))]
+            m.d.sync += [s1_sum[j].eq(self.result.payload.c[j] + bias[j]) for j in range(C)]
+            with m.If(keep):
+                with m.If(phase == pool_n - 1):
+                    m.d.sync += [phase.eq(0), out_addr.eq(out_addr + d.g_out)]
+                with m.Else():
+                    m.d.sync += phase.eq(phase + 1)
+            with m.If(take):
+                with m.If(o_slot == d.tiles * R - 1):
+                    m.d.sync += [o_slot.eq(0), o_group.eq(o_group + 1), bias_state.eq(0),
+                                 out_addr.eq(out_group + 1), out_group.eq(out_group + 1)]
+                with m.Else():
+                    m.d.sync += o_slot.eq(o_slot + 1)
+
+            half = Signal(32)
+            m.d.comb += half.eq((Const(1, 33) << d.shift) >> 1)
+            m.d.sync += [s2_valid.eq(s1_valid), s2_emit.eq(s1_emit), s2_first.eq(s1_first),
+                         s2_last.eq(s1_last), s2_addr.eq(s1_addr)]
+            for j in range(C):
+                shifted = Signal(signed(self._acc_width + 2), name=f"shifted{j}")
+                m.d.comb += shifted.eq((s1_sum[j] + half) >> d.shift)
+                hi = Mux(d.wide, 32767, 127)
+                lo = Mux(d.relu, 0, Mux(d.wide, -32768, -128))
+                m.d.sync += s2_y[j].eq(Mux(shifted > hi, hi, Mux(shifted < lo, lo, shifted)))
+
+            # stage 3: running max of the window, one output word per window
+            m.d.sync += self.o.valid.eq(s2_valid & s2_emit)
+            with m.If(s2_valid):
+                for j in range(C):
+                    best = Mux(s2_first | (s2_y[j] > pool_max[j]), s2_y[j], pool_max[j])
+                    m.d.sync += [pool_max[j].eq(best), self.o.payload.data[j].eq(best)]
+                m.d.sync += [self.o.payload.addr.eq(s2_addr), self.o.payload.last.eq(s2_last)]
+
+        m.d.comb += finished.eq(self.o.valid & self.o.ready & self.o.payload.last)
+        return m

@@ -1,0 +1,131 @@
+"""The frozen network's engine: conv unit, systolic array and the memories they use.
+
+This is the block the top level embeds: the sequencer loads a layer descriptor and
+strobes ``start``; the host link loads samples, weights and biases through ``load`` and
+reads activations and logits through ``rd_*``.
+"""
+
+import math
+
+from amaranth import Module, Mux, Signal, unsigned
+from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from firmware.layers import ADDR_BITS, ConvDescriptor
+from .conv import ConvUnit
+from .systolic import SystolicArray
+
+__all__ = ["LayerEngine", "MEM_ACT", "MEM_WEIGHT", "MEM_BIAS", "MEM_LOGIT"]
+
+MEM_ACT, MEM_WEIGHT, MEM_BIAS, MEM_LOGIT = 0, 1, 2, 3
+
+
+def load_layout(cols, acc_width=32):
+    """A word written by the host link: memory, word address, raw bits (lanes packed
+    little-end first, each lane as wide as the memory's)."""
+    return data.StructLayout({
+        "mem": unsigned(2), "addr": unsigned(ADDR_BITS), "data": unsigned(acc_width * cols),
+    })
+
+
+class LayerEngine(wiring.Component):
+    """Runs one frozen layer per ``start``.
+
+    Members
+    -------
+    start, desc, busy : as `ConvUnit`
+    load    : In(stream of `load_layout`)  always ready; MEM_ACT words go to every row's
+              copy of the activation buffer. A load takes the cycle's write port from
+              the conv unit, which then waits (loads may overlap a run: the next sample
+              can be loaded into a free region while a layer runs).
+    rd_mem, rd_addr : In   MEM_ACT or MEM_LOGIT word to read (only while not busy)
+    rd_data         : Out  its lanes one cycle later (int8 lanes or int16 lanes)
+
+    Memories: R copies of `act_words` x C int8 (one read port each, so R rows read R
+    different pixels per cycle), weights `weight_words / C` x C int8, biases
+    `bias_words / C` x C int32, logits ceil(max_classes / C) x C int16.
+    """
+
+    def __init__(self, cfg):
+        self._cfg = cfg
+        C = cfg.array_cols
+        super().__init__({
+            "start": In(1), "desc": In(ConvDescriptor), "busy": Out(1),
+            "load": In(stream.Signature(load_layout(C, cfg.acc_bits))),
+            "rd_mem": In(2), "rd_addr": In(ADDR_BITS),
+            "rd_data": Out(16 * C),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._cfg
+        R, C = cfg.array_rows, cfg.array_cols
+        m.submodules.array = array = SystolicArray.from_config(cfg)
+        m.submodules.conv = conv = ConvUnit(R, C, cfg.acc_bits)
+        wiring.connect(m, conv.feed, array.i)
+        wiring.connect(m, array.o, conv.result)
+        m.d.comb += [conv.start.eq(self.start), conv.desc.eq(self.desc), self.busy.eq(conv.busy)]
+
+        wide = Signal()                             # this layer writes logits
+        with m.If(self.start & ~conv.busy):
+            m.d.sync += wide.eq(self.desc.wide)
+
+        load = self.load.payload
+        m.d.comb += self.load.ready.eq(1)
+        loading = self.load.valid
+        out = conv.o.payload
+        m.d.comb += conv.o.ready.eq(~loading)
+        writing = conv.o.valid & ~loading
+
+        # Activation buffer: one copy per array row, written together.
+        act_w = Signal(8 * C)
+        for j in range(C):
+            m.d.comb += act_w.word_select(j, 8).eq(out.data[j][:8])
+        copies = []
+        for r in range(R):
+            mem = memory.Memory(shape=unsigned(8 * C), depth=cfg.act_words, init=[])
+            m.submodules[f"act{r}"] = mem
+            wp = mem.write_port()
+            rp = mem.read_port()
+            copies.append(rp)
+            m.d.comb += [
+                wp.en.eq(Mux(loading, load.mem == MEM_ACT, writing & ~wide)),
+                wp.addr.eq(Mux(loading, load.addr, out.addr)),
+                wp.data.eq(Mux(loading, load.data[:8 * C], act_w)),
+            ]
+            port = getattr(conv, f"act{r}")
+            if r == 0:
+                # the host reads through row 0's port while the engine is idle
+                m.d.comb += [rp.addr.eq(Mux(conv.busy, port.addr, self.rd_addr)),
+                             rp.en.eq(Mux(conv.busy, port.en, 1))]
+            else:
+                m.d.comb += [rp.addr.eq(port.addr), rp.en.eq(port.en)]
+            m.d.comb += port.data.eq(rp.data)
+
+        for name, mem_id, width, depth in (("weight", MEM_WEIGHT, 8, cfg.weight_words // C),
+                                           ("bias", MEM_BIAS, cfg.acc_bits, cfg.bias_words // C)):
+            mem = memory.Memory(shape=unsigned(width * C), depth=depth, init=[])
+            m.submodules[name] = mem
+            wp, rp = mem.write_port(), mem.read_port()
+            m.d.comb += [wp.en.eq(loading & (load.mem == mem_id)), wp.addr.eq(load.addr),
+                         wp.data.eq(load.data[:width * C])]
+            port = getattr(conv, name)
+            m.d.comb += [rp.addr.eq(port.addr), rp.en.eq(port.en), port.data.eq(rp.data)]
+
+        logit_depth = math.ceil(cfg.max_classes / C)
+        logits = memory.Memory(shape=unsigned(16 * C), depth=logit_depth, init=[])
+        m.submodules.logits = logits
+        lw, lr = logits.write_port(), logits.read_port()
+        logit_w = Signal(16 * C)
+        for j in range(C):
+            m.d.comb += logit_w.word_select(j, 16).eq(out.data[j])
+        m.d.comb += [lw.en.eq(writing & wide), lw.addr.eq(out.addr),
+                     lw.data.eq(logit_w), lr.addr.eq(self.rd_addr)]
+
+        act_lanes = Signal(16 * C)
+        for j in range(C):
+            m.d.comb += act_lanes.word_select(j, 16).eq(copies[0].data.word_select(j, 8).as_signed())
+        rd_mem = Signal(2)
+        m.d.sync += rd_mem.eq(self.rd_mem)
+        m.d.comb += self.rd_data.eq(Mux(rd_mem == MEM_LOGIT, lr.data, act_lanes))
+        return m
