@@ -117,6 +117,8 @@ def plan_layer(layer, geometry, cfg, *, shift, wide, in_base, out_base, w_base, 
     fields["step_iw"] = [d[1] for d in st]
     fields["step_addr"] = [d[2] for d in st]
     _check_fits(fields)
+    if wide and hp * wp * g_out > math.ceil(cfg.max_classes / C):
+        raise LayoutError(f"{hp * wp * layer.out_ch} logits exceed max_classes = {cfg.max_classes}")
     out_geometry = (hp, wp, layer.out_ch)
     return LayerPlan(fields, tuple(geometry), out_geometry, in_words=h * w * g_in,
                      out_words=hp * wp * g_out, w_words=g_out * k_len, b_words=g_out)
@@ -151,8 +153,6 @@ def plan_network(model, cfg):
         out_base = cfg.act_words - probe.out_words if low else 0
         if last:
             out_base = 0          # the logit memory
-            if probe.out_words > math.ceil(cfg.max_classes / cfg.array_cols):
-                raise LayoutError(f"{layer.out_ch} classes exceed max_classes = {cfg.max_classes}")
         plan = plan_layer(layer, geometry, cfg, shift=model.shifts[l], wide=last,
                           in_base=in_base, out_base=out_base, w_base=w_base, b_base=b_base)
         if probe.in_words + (0 if last else probe.out_words) > cfg.act_words:

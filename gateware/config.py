@@ -22,7 +22,7 @@ class AccelConfig:
     array_cols: int = 8
 
     # Memory depths, in entries of the natural width of each memory.
-    weight_words: int = 16384          # int8 frozen weights
+    weight_words: int = 32768          # int8 frozen weights (fan needs 21k with padding)
     bias_words: int = 512              # int32 frozen biases
     sample_words: int = 65536          # int8 input samples
     max_samples: int = 1024            # labels memory / per-sample bookkeeping

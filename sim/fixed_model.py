@@ -11,7 +11,7 @@ from .fixed import (saturate, rshift_round, requantize, imatmul, stochastic_rshi
                     exp_table, bit_length)
 from .network import im2col, maxpool
 
-__all__ = ["quantize_input", "frozen_forward", "cache_format", "compute_copy",
+__all__ = ["quantize_input", "frozen_forward", "layer_forward", "cache_format", "compute_copy",
            "adapter_forward", "loss_grad", "argmax", "adapter_grads", "lr_mantissa",
            "init_moments", "update", "cache4_shift", "codes4"]
 
@@ -30,20 +30,31 @@ def frozen_forward(model, xq, cfg):
     n = xq.shape[0]
     a = np.asarray(xq, dtype=np.int64)
     xs = []
-    acc_lim = 1 << (cfg.acc_bits - 1)
     for l, layer in enumerate(model.layers):
         a = a.reshape((n,) + tuple(layer.in_shape))
         xs.append(a.reshape(n, -1))
-        cols = im2col(a, layer)
-        acc = imatmul(cols.reshape(-1, cols.shape[-1]), model.weights[l]) + model.biases[l]
-        if acc.max(initial=0) >= acc_lim or acc.min(initial=0) < -acc_lim:
-            raise OverflowError(f"layer {l}: accumulator exceeds {cfg.acc_bits} bits")
-        y = requantize(acc, model.shifts[l], model.output_bits(l, cfg))
-        if layer.relu:
-            y = np.maximum(y, 0)
-        ho, wo, c = layer.conv_shape
-        a = maxpool(y.reshape(n, ho, wo, c), layer)
+        try:
+            a = layer_forward(a, layer, model.weights[l], model.biases[l], model.shifts[l],
+                              model.output_bits(l, cfg), cfg)
+        except OverflowError as exc:
+            raise OverflowError(f"layer {l}: {exc}") from None
     return a.reshape(n, -1), xs
+
+
+def layer_forward(a, layer, weights, biases, shift, bits, cfg):
+    """One frozen layer on int inputs (N, H, W, C): pool(relu(requantize(conv + bias)))
+    to ``bits`` bits. Returns (N, Ho, Wo, C_out) after pooling."""
+    n = a.shape[0]
+    cols = im2col(np.asarray(a, np.int64), layer)
+    acc = imatmul(cols.reshape(-1, cols.shape[-1]), weights) + biases
+    acc_lim = 1 << (cfg.acc_bits - 1)
+    if acc.max(initial=0) >= acc_lim or acc.min(initial=0) < -acc_lim:
+        raise OverflowError(f"accumulator exceeds {cfg.acc_bits} bits")
+    y = requantize(acc, shift, bits)
+    if layer.relu:
+        y = np.maximum(y, 0)
+    ho, wo, c = layer.conv_shape
+    return maxpool(y.reshape(n, ho, wo, c), layer)
 
 
 def cache4_shift(x_int8, signed):

@@ -1,0 +1,115 @@
+"""The conv unit in its layer engine: a small layer in Amaranth's simulator, and the
+digits and fan models, random and extreme layers on Verilator (and Icarus) for 4x4 and
+8x8 arrays, all bit-exact against sim.fixed_model."""
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+from numpy.testing import assert_array_equal
+
+from firmware.layers import (LayoutError, pack_activations, pack_biases, pack_weights,
+                             plan_layer, plan_network, unpack_activations)
+from gateware.config import AccelConfig
+from gateware.layer_engine import MEM_ACT, MEM_BIAS, MEM_LOGIT, MEM_WEIGHT, LayerEngine
+from host.models import load_base_model
+from sim.fixed_model import layer_forward
+from sim.network import Layer
+
+from .harness import SIMULATORS, run_cocotb
+
+
+def _words(arr, width):
+    return [sum((int(v) & ((1 << width) - 1)) << (j * width) for j, v in enumerate(row))
+            for row in np.asarray(arr, np.int64)]
+
+
+def rtl_layer_amaranth(cfg, layer, x, w, b, shift, wide):
+    """One layer through a LayerEngine in Amaranth's simulator; returns its output."""
+    C = cfg.array_cols
+    out_words = plan_layer(layer, layer.in_shape, cfg, shift=shift, wide=wide, in_base=0,
+                           out_base=0, w_base=0, b_base=0).out_words
+    out_base = 0 if wide else cfg.act_words - out_words
+    plan = plan_layer(layer, layer.in_shape, cfg, shift=shift, wide=wide, in_base=0,
+                      out_base=out_base, w_base=0, b_base=0)
+    dut = LayerEngine(cfg)
+    got = []
+
+    async def bench(ctx):
+        loads = [(MEM_ACT, a, v) for a, v in enumerate(_words(pack_activations(x, C), 8))]
+        loads += [(MEM_WEIGHT, a, v) for a, v in enumerate(_words(pack_weights(w, C), 8))]
+        loads += [(MEM_BIAS, a, v) for a, v in enumerate(_words(pack_biases(b, C), 32))]
+        for mem, addr, v in loads:
+            ctx.set(dut.load.valid, 1)
+            ctx.set(dut.load.payload, {"mem": mem, "addr": addr, "data": v})
+            await ctx.tick()
+        ctx.set(dut.load.valid, 0)
+        ctx.set(dut.desc, plan.fields)
+        ctx.set(dut.start, 1)
+        await ctx.tick()
+        ctx.set(dut.start, 0)
+        await ctx.tick().until(~dut.busy)
+        for a in range(plan.out_words):
+            ctx.set(dut.rd_mem, MEM_LOGIT if wide else MEM_ACT)
+            ctx.set(dut.rd_addr, out_base + a)
+            await ctx.tick()
+            v = ctx.get(dut.rd_data)
+            got.append([((v >> (16 * j)) & 0xFFFF) - ((v >> (16 * j + 15)) & 1) * 65536 for j in range(C)])
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    return unpack_activations(got, plan.out_geometry, C)
+
+
+@pytest.mark.parametrize("layer,shift,wide", [
+    (Layer("conv2d", (5, 4, 3), 5, (3, 3), 1, 1, True, 2), 6, False),   # odd sizes, pooled
+    (Layer("conv2d", (4, 5, 2), 3, (2, 3), 0, 2, False, 1), 3, True),   # stride 2, logits
+    (Layer("fc", (1, 1, 9), 6, relu=False), 2, False),
+])
+def test_layer_amaranth(layer, shift, wide):
+    cfg = AccelConfig(array_rows=4, array_cols=4, act_words=64, weight_words=1024, bias_words=64)
+    rng = np.random.default_rng(sum(layer.in_shape))
+    x = rng.integers(-128, 128, layer.in_shape)
+    w = rng.integers(-128, 128, (layer.fan_in, layer.out_ch))
+    b = rng.integers(-3000, 3000, layer.out_ch)
+    want = layer_forward(x[None], layer, w, b, shift, 16 if wide else 8, cfg)[0]
+    assert_array_equal(rtl_layer_amaranth(cfg, layer, x, w, b, shift, wide), want)
+
+
+def test_plans_of_the_shipped_models_fit_and_roundtrip():
+    cfg = AccelConfig()
+    for name in ("digits", "fan"):
+        plans = plan_network(load_base_model(name), cfg)
+        assert plans[-1].fields["wide"] == 1 and all(p.fields["wide"] == 0 for p in plans[:-1])
+    x = np.arange(2 * 3 * 11).reshape(2, 3, 11)
+    words = pack_activations(x, 8)
+    assert words.shape == (2 * 3 * 2, 8)
+    assert_array_equal(unpack_activations(words, x.shape, 8), x)
+    w = np.arange(5 * 10).reshape(5, 10)
+    pw = pack_weights(w, 8)
+    assert_array_equal(pw[:5], w[:, :8]) and assert_array_equal(pw[5:, :2], w[:, 8:])
+    assert not pw[5:, 2:].any()
+
+
+def test_plan_refuses_what_the_unit_cannot_hold():
+    cfg = AccelConfig(array_rows=3, array_cols=4)
+    pooled = Layer("conv2d", (4, 4, 1), 2, (3, 3), 1, 1, True, 2)
+    with pytest.raises(LayoutError, match="whole windows"):
+        plan_layer(pooled, (4, 4, 1), cfg, shift=1, wide=False, in_base=0, out_base=0, w_base=0, b_base=0)
+    with pytest.raises(LayoutError, match="shift"):
+        plan_layer(Layer("fc", (1, 1, 4), 2), (1, 1, 4), AccelConfig(), shift=-1, wide=False,
+                   in_base=0, out_base=0, w_base=0, b_base=0)
+    with pytest.raises(LayoutError, match="logits exceed"):
+        plan_layer(Layer("conv2d", (4, 4, 1), 2, (3, 3), 1), (4, 4, 1), AccelConfig(), shift=1,
+                   wide=True, in_base=0, out_base=0, w_base=0, b_base=0)
+    with pytest.raises(LayoutError, match="does not fit"):
+        plan_layer(Layer("conv2d", (1, 300, 1), 2, (1, 3), 1), (1, 300, 1), AccelConfig(),
+                   shift=1, wide=False, in_base=0, out_base=0, w_base=0, b_base=0)
+
+
+@pytest.mark.parametrize("sim", SIMULATORS)
+@pytest.mark.parametrize("rows,cols", [(4, 4), (8, 8)])
+def test_conv_cocotb(sim, rows, cols):
+    cfg = AccelConfig(array_rows=rows, array_cols=cols)
+    run_cocotb(sim, f"layer_engine_{rows}x{cols}", LayerEngine(cfg), "tests.gateware.cocotb_conv", cfg)
