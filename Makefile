@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 
-.PHONY: setup demo test test-fast models accuracy-table clean help
+.PHONY: setup demo test test-fast models accuracy-table bench-gemm clean help
 
 help:
 	@echo "make setup           create .venv/ and install skiptune with everything the tests need"
@@ -15,6 +15,7 @@ help:
 	@echo "make test            run the test suite ($(JOBS) workers)"
 	@echo "make models          retrain the shipped base models (deterministic)"
 	@echo "make accuracy-table  rewrite docs/accuracy.md"
+	@echo "make bench-gemm      systolic array and conv unit cycles -> build/bench/gemm.json"
 
 setup: $(STAMP)
 
@@ -41,6 +42,9 @@ models: $(STAMP)
 
 accuracy-table: $(STAMP)
 	$(PY) scripts/accuracy_table.py > docs/accuracy.md
+
+bench-gemm: $(STAMP)
+	$(PY) scripts/bench_gemm.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -6,7 +6,7 @@ Test data travels to the cocotb process through environment variables (`SKIPTUNE
 and the cocotb modules import `sim/` to compute what the hardware must produce.
 
     rtl = RtlSim("systolic_8x8", component)
-    rtl.run("tests.gateware.cocotb_systolic", env={"SKIPTUNE_CFG": cfg.to_json()})
+    rtl.run("tests.gateware.cocotb_systolic", env={"SKIPTUNE_CFG": json.dumps(cfg.as_dict())})
 """
 
 import os

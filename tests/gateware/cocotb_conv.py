@@ -102,6 +102,7 @@ async def run_layer(eng, layer, x, w, b, shift, wide, geometry=None):
     probe = plan_layer(layer, geometry, CFG, shift=shift, wide=wide, in_base=0, out_base=0,
                        w_base=0, b_base=0)
     out_base = 0 if wide else CFG.act_words - probe.out_words
+    assert wide or probe.in_words + probe.out_words <= CFG.act_words, "input and output overlap"
     plan = plan_layer(layer, geometry, CFG, shift=shift, wide=wide, in_base=0, out_base=out_base,
                       w_base=0, b_base=0)
     await eng.load(MEM_ACT, 0, pack_activations(x.reshape(geometry), C), 8)
