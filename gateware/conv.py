@@ -24,7 +24,6 @@ __all__ = ["ConvUnit"]
 _Pixel = data.StructLayout({
     "ih0": signed(10), "iw0": signed(10),      # input row/column of the window's corner
     "addr": signed(ADDR_BITS + 1),             # its word offset from in_base
-    "valid": unsigned(1),                      # a real output pixel (not past m_pix)
 })
 
 
@@ -106,9 +105,7 @@ class ConvUnit(wiring.Component):
                          st.addr.eq(self.desc.addr0), st_dx.eq(0), st_dy.eq(0), st_px.eq(0),
                          st_slot.eq(0), produced.eq(0)]
         with m.Elif(produce):
-            out = Signal(_Pixel)
-            m.d.comb += [out.eq(st), out.valid.eq(st_slot < d.m_pix)]
-            m.d.sync += [chain[R - 1].eq(out), produced.eq(produced + 1)]
+            m.d.sync += [chain[R - 1].eq(st), produced.eq(produced + 1)]
             m.d.sync += [chain[r].eq(chain[r + 1]) for r in range(R - 1)]
             kind = Signal(2)
             with m.If(st_dx + 1 < d.pool_w):
@@ -160,7 +157,7 @@ class ConvUnit(wiring.Component):
             m.d.comb += pix.eq(Mux(first, chain[r], cur[r]))
             ih, iw = Signal(signed(11), name=f"ih{r}"), Signal(signed(11), name=f"iw{r}")
             m.d.comb += [ih.eq(pix.ih0 + ki), iw.eq(pix.iw0 + kj)]
-            inside = pix.valid & (ih >= 0) & (ih < d.in_h) & (iw >= 0) & (iw < d.in_w)
+            inside = (ih >= 0) & (ih < d.in_h) & (iw >= 0) & (iw < d.in_w)
             m.d.comb += [acts[r].addr.eq(d.in_base + pix.addr + koff + cg), acts[r].en.eq(issue)]
             with m.If(issue):
                 m.d.sync += b_mask[r].eq(inside)
