@@ -5,9 +5,10 @@ Every stream is `amaranth.lib.stream` with one of these `data.StructLayout` payl
 """
 
 from amaranth import signed, unsigned
+from amaranth.utils import ceil_log2
 from amaranth.lib import data
 
-__all__ = ["feed_layout", "result_layout", "conv_out_layout"]
+__all__ = ["feed_layout", "result_layout", "conv_out_layout", "loss_in_layout", "loss_out_layout"]
 
 
 def feed_layout(rows, cols, width=8):
@@ -36,5 +37,36 @@ def conv_out_layout(cols, width, addr_bits):
     return data.StructLayout({
         "addr": unsigned(addr_bits),
         "data": data.ArrayLayout(signed(width), cols),
+        "last": unsigned(1),
+    })
+
+
+def class_bits(cfg):
+    """Bits of a class index."""
+    return max(1, ceil_log2(cfg.max_classes))
+
+
+def loss_in_layout(cfg):
+    """One logit entering the loss unit. A sample is one beat per class, in class order
+    0 .. C-1 (1 <= C <= ``max_classes``); ``first`` marks class 0 and ``last`` class C-1.
+    ``label`` is the sample's true class, the same on every beat."""
+    return data.StructLayout({
+        "z": signed(cfg.logit_bits),            # logit at F_z
+        "label": unsigned(class_bits(cfg)),
+        "first": unsigned(1),
+        "last": unsigned(1),
+    })
+
+
+def loss_out_layout(cfg):
+    """One gradient leaving the loss unit, one beat per class in class order: ``g`` (int16 at
+    F_g) of class ``cls``. ``pred`` (argmax, ties to the lowest index) and ``correct``
+    (``pred == label``) belong to the whole sample and are valid on every beat."""
+    return data.StructLayout({
+        "g": signed(16),
+        "cls": unsigned(class_bits(cfg)),
+        "pred": unsigned(class_bits(cfg)),
+        "correct": unsigned(1),
+        "first": unsigned(1),
         "last": unsigned(1),
     })

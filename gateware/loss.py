@@ -24,44 +24,11 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
 from .config import DEFAULT, AccelConfig
+from .layouts import class_bits, loss_in_layout, loss_out_layout
 
-__all__ = ["LossUnit", "loss_in_layout", "loss_out_layout", "exp_table",
-           "LOSS_IN_LAYOUT", "LOSS_OUT_LAYOUT"]
-
-
-def _cls_bits(cfg):
-    return max(1, ceil_log2(cfg.max_classes))
+__all__ = ["LossUnit", "exp_table"]
 
 
-def loss_in_layout(cfg):
-    """One logit entering the loss unit. A sample is one beat per class, in class order
-    0 .. C-1 (1 <= C <= ``max_classes``); ``first`` marks class 0 and ``last`` class C-1.
-    ``label`` is the sample's true class, the same on every beat."""
-    return data.StructLayout({
-        "z": signed(cfg.logit_bits),            # logit at F_z
-        "label": unsigned(_cls_bits(cfg)),
-        "first": unsigned(1),
-        "last": unsigned(1),
-    })
-
-
-def loss_out_layout(cfg):
-    """One gradient leaving the loss unit, one beat per class in class order: ``g`` (int16 at
-    F_g) of class ``cls``. ``pred`` (argmax, ties to the lowest index) and ``correct``
-    (``pred == label``) belong to the whole sample and are valid on every beat."""
-    return data.StructLayout({
-        "g": signed(16),
-        "cls": unsigned(_cls_bits(cfg)),
-        "pred": unsigned(_cls_bits(cfg)),
-        "correct": unsigned(1),
-        "first": unsigned(1),
-        "last": unsigned(1),
-    })
-
-
-# The layouts of the default configuration (to move into gateware/layouts.py).
-LOSS_IN_LAYOUT = loss_in_layout(DEFAULT)
-LOSS_OUT_LAYOUT = loss_out_layout(DEFAULT)
 
 
 def exp_table(cfg):
@@ -145,7 +112,7 @@ class LossUnit(wiring.Component):
         cfg = self._cfg
         m = Module()
 
-        cls_bits = _cls_bits(cfg)
+        cls_bits = class_bits(cfg)
         table = exp_table(cfg)
         e_shape = unsigned(bits_for(max(table)))
         t_max = cfg.exp_entries - 1

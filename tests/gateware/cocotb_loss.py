@@ -9,7 +9,7 @@ import cocotb
 import numpy as np
 from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge
 
-from gateware.loss import loss_in_layout, loss_out_layout
+from gateware.layouts import loss_in_layout, loss_out_layout
 from sim import fixed_model
 from tests.gateware.streams import StreamSink, StreamSource, config_from_env, env_int, start
 
