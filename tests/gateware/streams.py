@@ -84,18 +84,25 @@ def unpack(layout, word):
     return _unflatten(layout, int(word), 0)
 
 
-class StreamSource:
-    """Drives an `amaranth.lib.stream` sink port named ``prefix`` (``<prefix>__valid``,
-    ``__ready``, ``__payload``). ``idle`` is the probability of a bubble per beat."""
+class _Port:
+    """The valid/ready/payload signals of the stream port ``prefix`` of ``dut``."""
 
-    def __init__(self, dut, prefix, layout, idle=0.0, seed=0):
+    def __init__(self, dut, prefix, layout, seed):
         self.valid = getattr(dut, f"{prefix}__valid")
         self.ready = getattr(dut, f"{prefix}__ready")
         self.payload = getattr(dut, f"{prefix}__payload")
         self.layout = layout
         self.clk = dut.clk
-        self.idle = idle
         self.rng = random.Random(seed)
+
+
+class StreamSource(_Port):
+    """Drives an `amaranth.lib.stream` sink port named ``prefix`` (``<prefix>__valid``,
+    ``__ready``, ``__payload``). ``idle`` is the probability of a bubble per beat."""
+
+    def __init__(self, dut, prefix, layout, idle=0.0, seed=0):
+        super().__init__(dut, prefix, layout, seed)
+        self.idle = idle
         self.valid.value = 0
 
     async def send(self, beats):
@@ -117,18 +124,13 @@ class StreamSource:
         self.valid.value = 0
 
 
-class StreamSink:
+class StreamSink(_Port):
     """Accepts from a stream source port named ``prefix``; ``stall`` is the probability
     that ready is low in a cycle. Collected payloads are in ``beats``."""
 
     def __init__(self, dut, prefix, layout, stall=0.0, seed=1):
-        self.valid = getattr(dut, f"{prefix}__valid")
-        self.ready = getattr(dut, f"{prefix}__ready")
-        self.payload = getattr(dut, f"{prefix}__payload")
-        self.layout = layout
-        self.clk = dut.clk
+        super().__init__(dut, prefix, layout, seed)
         self.stall = stall
-        self.rng = random.Random(seed)
         self.beats = []
         self.ready.value = 0
 

@@ -13,6 +13,7 @@ from gateware.config import DEFAULT, AccelConfig
 from gateware.loss import LossUnit, exp_table
 from sim import fixed, fixed_model
 from sim.rtl import missing_reason
+from tests.gateware.amaranth_streams import stream_source
 from tests.gateware.harness import SIMULATORS, run_cocotb
 
 # A second configuration: other gradient and table formats, a table short enough that its
@@ -48,15 +49,6 @@ def rtl_loss(samples, cfg, idle=0.0, stall=0.0, seed=0):
             await ctx.tick()
             cycle += 1
 
-    async def source(ctx):
-        for beat in beats:
-            while idle and rng_in.random() < idle:
-                await ctx.tick()
-            ctx.set(dut.i_stream.valid, 1)
-            ctx.set(dut.i_stream.payload, beat)
-            await ctx.tick().until(dut.i_stream.ready)
-            ctx.set(dut.i_stream.valid, 0)
-
     async def sink(ctx):
         for _ in beats:
             while stall and rng_out.random() < stall:
@@ -72,7 +64,7 @@ def rtl_loss(samples, cfg, idle=0.0, stall=0.0, seed=0):
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     sim.add_testbench(clock_count, background=True)
-    sim.add_testbench(source)
+    sim.add_testbench(stream_source(dut.i_stream, beats, idle, rng_in))
     sim.add_testbench(sink)
     sim.run()
 

@@ -10,6 +10,7 @@ from gateware.config import AccelConfig
 from gateware.systolic import ProcessingElement, SystolicArray
 from sim.fixed import imatmul
 
+from .amaranth_streams import stream_source
 from .harness import SIMULATORS, run_cocotb
 
 
@@ -76,16 +77,6 @@ def rtl_gemm_amaranth(a, b, rows, cols, seed=0):
     out = []
     rng = np.random.default_rng(seed)
 
-    async def source(ctx):
-        for beat in beats:
-            while rng.random() < 0.2:
-                ctx.set(dut.i.valid, 0)
-                await ctx.tick()
-            ctx.set(dut.i.valid, 1)
-            ctx.set(dut.i.payload, beat)
-            await ctx.tick().until(dut.i.ready)
-        ctx.set(dut.i.valid, 0)
-
     async def sink(ctx):
         while len(out) < len(tiles) * rows:
             ready = rng.random() >= 0.3
@@ -96,7 +87,7 @@ def rtl_gemm_amaranth(a, b, rows, cols, seed=0):
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
-    sim.add_testbench(source, background=True)
+    sim.add_testbench(stream_source(dut.i, beats, 0.2, rng), background=True)
     sim.add_testbench(sink)
     sim.run()
     return assemble(out, tiles, a.shape[0], b.shape[1], rows, cols)

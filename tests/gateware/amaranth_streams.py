@@ -1,0 +1,19 @@
+"""Stream testbenches for Amaranth's simulator (the cocotb ones are in streams.py)."""
+
+
+def stream_source(stream, beats, idle=0.0, rng=None):
+    """An async testbench that sends ``beats`` (payload values) on ``stream``, with a
+    bubble before a beat with probability ``idle`` (drawn from ``rng``, a NumPy or
+    `random` generator)."""
+
+    async def source(ctx):
+        for beat in beats:
+            while idle and rng.random() < idle:
+                ctx.set(stream.valid, 0)
+                await ctx.tick()
+            ctx.set(stream.valid, 1)
+            ctx.set(stream.payload, beat)
+            await ctx.tick().until(stream.ready)
+        ctx.set(stream.valid, 0)
+
+    return source
