@@ -532,11 +532,8 @@ class AdapterDatapath(wiring.Component):
 
         src = self.i_stream
         gin = self.g_stream
-        idle = Signal()
-
-        with m.FSM(name="seq"):
+        with m.FSM(name="seq") as fsm:
             with m.State("IN"):
-                m.d.comb += idle.eq(~started)
                 with m.If(~started & clear_pending):
                     m.d.sync += sweep.eq(0)
                     m.next = "CLEAR"
@@ -638,6 +635,9 @@ class AdapterDatapath(wiring.Component):
 
         with m.If(self.clear_grads):
             m.d.sync += clear_pending.eq(1)
-        m.d.comb += self.busy.eq(~idle | clear_pending)
+        # from registers only, outside the FSM's case blocks: Icarus never evaluates an
+        # always @* block whose inputs keep their initial values, so busy would stay X
+        # from reset to the first sample
+        m.d.comb += self.busy.eq(started | clear_pending | ~fsm.ongoing("IN"))
         m.d.comb += busy.eq(self.busy)
         return m
