@@ -26,7 +26,7 @@ from amaranth.lib.wiring import In, Out
 from .config import DEFAULT, AccelConfig
 
 __all__ = ["UpdateUnit", "update_in_layout", "update_out_layout",
-           "DW_BITS", "FSHIFT_BITS", "EXP_BITS", "G_BITS", "LFSR_BITS"]
+           "DW_BITS", "FSHIFT_BITS", "EXP_BITS", "G_BITS", "LFSR_BITS", "LATENCY"]
 
 # Batch-summed gradient accumulator entering the unit. docs/numerics.md section 8 bounds
 # |dA_l| by 2^30 (32 bits signed) and |dB_l| by 2^37 (39 bits signed) for every schedule
@@ -41,6 +41,8 @@ EXP_BITS = 7
 # The aligned gradient g (int32) and the LFSR state.
 G_BITS = 32
 LFSR_BITS = 32
+# Clock edges from the acceptance of a beat to its output register (UpdateUnit docstring).
+LATENCY = 15
 
 # Operand chunk of a partial product: 17 bits unsigned fit a MULT18X18D's 18-bit signed
 # input; the top chunk of a signed operand is signed and at most 18 bits.
@@ -79,8 +81,25 @@ def _rshift_round(value, shift):
     return value << -shift
 
 
-def _saturate(value, lo, hi):
-    return Mux(value > hi, hi, Mux(value < lo, lo, value))
+def _saturate(value, bits):
+    """``value`` (signed) clamped to the signed range of ``bits`` bits, from its top bits
+    (no comparator: in range iff the bits from ``bits - 1`` up are all equal)."""
+    top = value[bits - 1:]
+    inside = top.all() | ~top.any()
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return Mux(inside, value[:bits].as_signed(), Mux(value[-1], lo, hi))
+
+
+def _thermometer_count(therm):
+    """The number of ones of a thermometer code (ones from bit 0 up, then zeros): the
+    position of its top one plus one, from the one-hot edge, without an adder."""
+    n = len(therm)
+    edge = [therm[k] & ~therm[k + 1] for k in range(n - 1)] + [therm[n - 1]]
+    bits = []
+    for b in range(n.bit_length()):
+        terms = [edge[k] for k in range(n) if ((k + 1) >> b) & 1]
+        bits.append(Cat(*terms).any() if terms else C(0, 1))
+    return Cat(*bits)
 
 
 def _chunks(width):
@@ -124,31 +143,40 @@ class UpdateUnit(wiring.Component):
     Structure and timing
     --------------------
     The LFSR, ``s = (s >> 1) ^ (s & 1 ? lfsr_taps : 0)``, steps once per accepted beat; the
-    beat takes the new state as its random word. Behind the input register, 13 pipeline
-    stages in all, every one registered:
+    beat takes the new state as its random word. ``LATENCY`` = 15 stages, every one
+    registered (stage k holds what the beat accepted at edge t has become after edge t + k):
 
     1. input register (the beat and its random word);
-    2. ``d + 2^(fshift-1)`` (rounding term of g); ``M - rshift_round(M, b1)``,
-       ``V - rshift_round(V, b2)`` (never negative, so the clip at 0 never acts);
-    3. ``g``: barrel shift by ``fshift`` and saturation to int32;
-    4. ``M'`` (saturated to ``m_bits``); ``|g|`` and the flag ``|g| >= 2^t``
+    2. ``d + 2^(fshift-1)`` (the rounding term of g, for ``fshift > 0``);
+       ``M - rshift_round(M, b1)``; ``V - rshift_round(V, b2)`` (never negative: the clip
+       at 0 never acts);
+    3. ``(d + round) << 32 >> (32 + fshift)``: both directions of g's shift as one
+       arithmetic right shift by a 6-bit amount;
+    4. ``g``: saturation to int32 (from the top bits, no comparator);
+    5. ``M'`` (saturated to ``m_bits``); ``|g|`` and the flag ``|g| >= 2^t``
        (``t = ceil((v_bits + 2 F_n - F_v) / 2)`` = 28), beyond which ``g2 >= 2^v_bits``;
-    5. partial products, registered: ``|g|^2`` from 17-bit pieces of ``|g| mod 2^t``
-       (``a_h^2, a_h a_l, a_l^2``: 3 multipliers by symmetry) and ``M' * mant`` from
-       17-bit pieces of ``M'`` (3 multipliers);
-    6. their sums: ``g*g + 2^(2F_n - F_v - 1)`` and ``M' * mant``;
-    7. ``V'`` = ``V - rshift_round(V, b2) + g2``, clipped to ``2^v_bits - 1``;
-    8. ``bitlen(V') >= F_v + b2 + 2 j`` for every ``j`` in ``(e_min, e_max]``, a
-       thermometer code (``e`` needs no leading-one encoder);
-    9. ``shift = exp + F_n + b1 - F_m + e_min + popcount``;
-    10. ``r = rand >> (32 - shift)`` (0 for ``shift <= 0``);
-    11. ``M' * mant + r``;
-    12. the step, ``>> shift`` or ``<< -shift``, clamped to ``+-2^master_bits`` (a step
-        beyond that saturates ``W`` whatever it is);
-    13. ``W' = sat(W - step)``: the output register.
+    6. partial products, each a registered multiplier output: ``|g|^2`` from 17-bit
+       pieces of ``|g| mod 2^t`` (``a_h^2, a_h a_l, a_l^2``: 3 multipliers, the cross
+       product counted twice) and ``M' * mant`` from 17/17/6-bit pieces of ``M'``
+       (3 multipliers);
+    7. their sums: ``|g|^2 + 2^(2 F_n - F_v - 1)`` and ``M' * mant``;
+    8. ``V' = V - rshift_round(V, b2) + g2``, clipped to ``2^v_bits - 1``;
+    9. ``bitlen(V') >= F_v + b2 + 2 j`` for every ``j`` in ``(e_min, e_max]``: a
+       thermometer code of ``e``, from OR-reductions of ``V'`` (no leading-one encoder);
+    10. ``shift = exp + F_n + b1 - F_m + e`` (the thermometer's count from its one-hot
+        edge, no adder tree), with ``32 - shift`` and ``33 + shift`` beside it (the
+        learning-rate terms are registered from the ports);
+    11. ``r = rand >> (32 - shift)`` (0 for ``shift <= 0``, all 32 bits beyond 32) and
+        the step's shift amount ``max(33 + shift, 0)``;
+    12. ``M' * mant + r``;
+    13. ``(M' * mant + r) << 33 >> (33 + shift)``: ``>> shift`` and ``<< -shift`` as one
+        right shift (a left shift by more than 33 clamps any non-zero step anyway);
+    14. the step clamped to ``[-2^master_bits, 2^master_bits - 1]`` (beyond that ``W``
+        saturates whatever it is);
+    15. ``W' = sat(W - step)``: the output register, with ``M'`` and ``V'`` delayed to it.
 
-    Latency 13 cycles: a beat accepted at clock edge ``k`` is on ``o_stream`` (valid) after
-    edge ``k + 13``. Throughput one weight per cycle. All stages advance together when
+    A beat accepted at clock edge ``k`` is on ``o_stream`` (valid) after edge ``k + 15``.
+    Throughput one weight per cycle. All stages advance together when
     ``~o_stream.valid | o_stream.ready``, so ``i_stream.ready`` is exactly that (it
     depends combinationally on ``o_stream.ready``); a stalled output holds the whole
     pipeline, bubbles included.
@@ -181,8 +209,7 @@ class UpdateUnit(wiring.Component):
         cfg = self._cfg
         m = Module()
         b1, b2 = cfg.beta1_shift, cfg.beta2_shift
-        mb, vb = cfg.master_bits, cfg.v_bits
-        mbits = cfg.m_bits
+        mb, vb, mbits = cfg.master_bits, cfg.v_bits, cfg.m_bits
         q = 2 * cfg.F_n - cfg.F_v                   # shift of g*g to F_v
         k_v = cfg.F_v + b2                          # fraction bits of V
         e_max = max((vb - k_v) >> 1, cfg.e_min)     # largest e (bitlen(V) <= v_bits)
@@ -203,103 +230,96 @@ class UpdateUnit(wiring.Component):
             m.d.sync += state.eq(nxt)
 
         # --- pipeline ------------------------------------------------------------------
-        n_stages = 13
-        valid = Signal(n_stages)
-        last = Signal(n_stages)
+        valid = Signal(LATENCY)
+        last = Signal(LATENCY)
         with m.If(en):
             m.d.sync += [valid.eq(Cat(i.valid, valid[:-1])),
                          last.eq(Cat(i.payload.last, last[:-1]))]
 
-        def stage(value, shape, name):
-            """A register that takes ``value`` when the pipeline advances."""
-            reg = Signal(shape, name=name)
+        where = {}                                  # id(register) -> (stage, name)
+        delayed = {}                                # (id(register), stage) -> copy
+
+        def stage(k, name, shape, value):
+            """The register of stage ``k`` that takes ``value`` when the pipeline advances."""
+            reg = Signal(shape, name=f"{name}_s{k}")
             with m.If(en):
                 m.d.sync += reg.eq(value)
+            where[id(reg)] = (k, name)
             return reg
 
-        def carry(reg, upto, first):
-            """``reg`` delayed from stage ``first`` to every stage through ``upto``:
-            {stage: register}."""
-            regs = {first: reg}
-            for s in range(first + 1, upto + 1):
-                regs[s] = stage(regs[s - 1], reg.shape(), f"{reg.name.rsplit('_s', 1)[0]}_s{s}")
-            return regs
+        def at(reg, k):
+            """``reg`` delayed to stage ``k`` (a chain of copies, shared between users)."""
+            k0, name = where[id(reg)]
+            if k == k0:
+                return reg
+            if (id(reg), k) not in delayed:
+                prev = at(reg, k - 1)
+                delayed[id(reg), k] = copy = Signal(reg.shape(), name=f"{name}_s{k}")
+                with m.If(en):
+                    m.d.sync += copy.eq(prev)
+            return delayed[id(reg), k]
 
         p = i.payload
         # 1: input register
-        w1 = stage(p.w, signed(mb), "w_s1")
-        m1 = stage(p.m, signed(mbits), "m_s1")
-        v1 = stage(p.v, unsigned(vb), "v_s1")
-        d1 = stage(p.d, signed(DW_BITS), "d_s1")
-        sh1 = stage(p.fshift, signed(FSHIFT_BITS), "fshift_s1")
-        rand1 = stage(nxt, unsigned(LFSR_BITS), "rand_s1")
-        ws = carry(w1, 12, 1)
-        rands = carry(rand1, 10, 1)
+        w = stage(1, "w", signed(mb), p.w)
+        mo = stage(1, "m", signed(mbits), p.m)
+        vo = stage(1, "v", unsigned(vb), p.v)
+        d = stage(1, "d", signed(DW_BITS), p.d)
+        fsh = stage(1, "fshift", signed(FSHIFT_BITS), p.fshift)
+        rand = stage(1, "rand", unsigned(LFSR_BITS), nxt)
 
         # 2: rounding term of g; the decayed moments
-        rsh_max = (1 << (FSHIFT_BITS - 1)) - 1
+        # g's shift, as one right shift of dW << 32 by 32 + fshift (offset binary)
         lsh_max = 1 << (FSHIFT_BITS - 1)
-        rsh1 = Mux(sh1 > 0, sh1, 0).as_unsigned()[:FSHIFT_BITS - 1]
-        lsh1 = Mux(sh1 < 0, -sh1, 0).as_unsigned()[:FSHIFT_BITS]
-        d2 = stage(d1 + ((C(1, 1) << rsh1) >> 1), signed(DW_BITS + 1), "dr_s2")
-        rsh2 = stage(rsh1, range(rsh_max + 1), "rsh_s2")
-        lsh2 = stage(lsh1, range(lsh_max + 1), "lsh_s2")
-        mpart2 = stage(m1 - _rshift_round(m1, b1), signed(mbits + 1), "mpart_s2")
-        vpart2 = stage(v1 - _rshift_round(v1, b2), unsigned(vb), "vpart_s2")
-        mparts = carry(mpart2, 3, 2)
-        vparts = carry(vpart2, 6, 2)   # the V line waits for g2
+        rsh_c = Mux(fsh > 0, fsh, 0).as_unsigned()[:FSHIFT_BITS - 1]
+        dr = stage(2, "dr", signed(DW_BITS + 1), d + ((C(1, 1) << rsh_c) >> 1))
+        gsh = stage(2, "gshift", unsigned(FSHIFT_BITS), Cat(fsh[:-1], ~fsh[-1]))
+        mpart = stage(2, "mpart", signed(mbits + 1), mo - _rshift_round(mo, b1))
+        vpart = stage(2, "vpart", unsigned(vb), vo - _rshift_round(vo, b2))
 
-        # 3: g
-        g_lo, g_hi = -(1 << (G_BITS - 1)), (1 << (G_BITS - 1)) - 1
-        g_wide = Mux(lsh2 != 0, d2 << lsh2, d2 >> rsh2)
-        g3 = stage(_saturate(g_wide, g_lo, g_hi), signed(G_BITS), "g_s3")
+        # 3, 4: g = sat32(shifted), the shift and the saturation in separate stages
+        gw = stage(3, "gwide", signed(DW_BITS + 1 + lsh_max), (dr << lsh_max) >> gsh)
+        g = stage(4, "g", signed(G_BITS), _saturate(gw, G_BITS))
 
-        # 4: M'; |g| and its overflow flag
-        m_lo, m_hi = -(1 << (mbits - 1)), (1 << (mbits - 1)) - 1
-        mnew4 = stage(_saturate(mparts[3] + g3, m_lo, m_hi), signed(mbits), "mnew_s4")
-        mnews = carry(mnew4, 13, 4)
-        abs_g = Mux(g3 < 0, -g3, g3).as_unsigned()[:G_BITS]
-        a4 = stage(abs_g[:t_bits] if t_bits else C(0, 1), unsigned(max(t_bits, 1)), "absg_s4")
-        big4 = stage((abs_g >> t_bits) != 0, 1, "big_s4")
-        bigs = carry(big4, 6, 4)
+        # 5: M'; |g| and its overflow flag
+        mnew = stage(5, "mnew", signed(mbits), _saturate(at(mpart, 4) + g, mbits))
+        abs_g = Mux(g < 0, -g, g).as_unsigned()[:G_BITS]
+        a = stage(5, "absg", unsigned(max(t_bits, 1)), abs_g[:t_bits] if t_bits else 0)
+        big = stage(5, "big", 1, abs_g[t_bits:].any() if t_bits < G_BITS else 0)
 
-        # 5: partial products, each a registered multiplier output
+        # 6: partial products, each a registered multiplier output
         a_chunks = _chunks(t_bits) if t_bits else []
         sq_terms = []                                # (register, offset)
         for x, (ox, wx) in enumerate(a_chunks):
             for y, (oy, wy) in enumerate(a_chunks[x:], start=x):
-                prod = a4[ox:ox + wx] * a4[oy:oy + wy]
-                reg = stage(prod, unsigned(wx + wy), f"sq_pp{x}{y}_s5")
-                sq_terms.append((reg, ox + oy + (1 if x != y else 0)))
+                pp = stage(6, f"sq_pp{x}{y}", unsigned(wx + wy), a[ox:ox + wx] * a[oy:oy + wy])
+                sq_terms.append((pp, ox + oy + (1 if x != y else 0)))
         mm_terms = []
         m_chunks = _chunks(mbits)
         for x, (ox, wx) in enumerate(m_chunks):
-            piece = mnew4[ox:ox + wx]
+            piece = mnew[ox:ox + wx]
             if x == len(m_chunks) - 1:
-                piece = piece.as_signed()
-                prod = piece * self.mant
-                shape = signed(wx + cfg.lr_mant_bits + 1)
+                pp = stage(6, f"mm_pp{x}", signed(wx + cfg.lr_mant_bits + 1),
+                           piece.as_signed() * self.mant)
             else:
-                prod = piece * self.mant
-                shape = unsigned(wx + cfg.lr_mant_bits)
-            mm_terms.append((stage(prod, shape, f"mm_pp{x}_s5"), ox))
+                pp = stage(6, f"mm_pp{x}", unsigned(wx + cfg.lr_mant_bits), piece * self.mant)
+            mm_terms.append((pp, ox))
 
-        # 6: the sums (g*g with its rounding term)
-        sq_sum = sum(reg << off for reg, off in sq_terms) if sq_terms else C(0, 1)
+        # 7: the sums (g*g with its rounding term)
+        sq_sum = sum(pp << off for pp, off in sq_terms) if sq_terms else C(0, 1)
         sq_round = (1 << (q - 1)) if q > 0 else 0
-        sq6 = stage(sq_sum + sq_round, unsigned(2 * max(t_bits, 1) + 1), "sqr_s6")
+        sq = stage(7, "sqr", unsigned(2 * max(t_bits, 1) + 1), sq_sum + sq_round)
         mm_bits = mbits + cfg.lr_mant_bits + 1
-        mm6 = stage(sum(reg << off for reg, off in mm_terms), signed(mm_bits), "mm_s6")
-        mms = carry(mm6, 10, 6)
+        mm = stage(7, "mm", signed(mm_bits), sum(pp << off for pp, off in mm_terms))
 
-        # 7: V'
-        g2 = sq6 >> q if q > 0 else sq6 << -q
-        v_sum = vparts[6] + g2
-        v_max = (1 << vb) - 1
-        vnew7 = stage(Mux(bigs[6] | (v_sum > v_max), v_max, v_sum), unsigned(vb), "vnew_s7")
-        vnews = carry(vnew7, 13, 7)
+        # 8: V', clipped to 2^v_bits - 1 (V - rshift_round(V, b2) >= 0: no clip at 0)
+        g2 = sq >> q if q > 0 else sq << -q
+        v_sum = Signal(unsigned(max(vb, len(g2)) + 1))
+        m.d.comb += v_sum.eq(at(vpart, 7) + g2)
+        vnew = stage(8, "vnew", unsigned(vb),
+                     Mux(at(big, 7) | v_sum[vb:].any(), (1 << vb) - 1, v_sum[:vb]))
 
-        # 8: thermometer code of e: bit j - e_min - 1 is e >= j, i.e. bitlen(V') >= k_v + 2j
+        # 9: thermometer code of e: bit j - e_min - 1 is e >= j, i.e. bitlen(V') >= k_v + 2j
         therm = []
         for j in range(cfg.e_min + 1, e_max + 1):
             n = k_v + 2 * j
@@ -308,45 +328,53 @@ class UpdateUnit(wiring.Component):
             elif n - 1 >= vb:
                 therm.append(C(0, 1))
             else:
-                therm.append((vnew7 >> (n - 1)) != 0)
-        therm8 = stage(Cat(*therm) if therm else C(0, 1), max(len(therm), 1), "therm_s8")
+                therm.append(vnew[n - 1:].any())
+        th = stage(9, "therm", max(len(therm), 1), Cat(*therm) if therm else 0)
 
-        # 9: the shift of the step
+        # 10: the shift of the step
         base = cfg.F_n + b1 - cfg.F_m + cfg.e_min
         shift_lo = -(1 << (EXP_BITS - 1)) + base
         shift_hi = (1 << (EXP_BITS - 1)) - 1 + base + len(therm)
         shift_shape = signed(max(shift_lo.bit_length(), shift_hi.bit_length()) + 1)
-        count = sum(therm8[k] for k in range(len(therm))) if therm else C(0, 1)
-        shift9 = stage(self.exp + base + count, shift_shape, "shift_s9")
-        shifts = carry(shift9, 12, 9)
+        count = _thermometer_count(th) if therm else C(0, 1)
+        # the learning-rate terms, registered from the ports (held during an update)
+        left_max = mb + 1                       # a non-zero step << (mb + 1) always clamps
+        amount_shape = signed(shift_shape.width + 1)
+        lr_terms = [Signal(shape, name=n) for n, shape in
+                    (("shift_lr", shift_shape), ("rbits_lr", shift_shape), ("amount_lr", amount_shape))]
+        m.d.sync += [lr_terms[0].eq(self.exp + base), lr_terms[1].eq(LFSR_BITS - base - self.exp),
+                     lr_terms[2].eq(left_max + base + self.exp)]
+        shift = stage(10, "shift", shift_shape, lr_terms[0] + count)
+        # 32 - shift and left_max + shift beside it keep subtractors out of stage 11
+        rbits = stage(10, "rbits", shift_shape, lr_terms[1] - count)
+        amount = stage(10, "amount", amount_shape, lr_terms[2] + count)
 
-        # 10: random bits r = rand >> (32 - shift), all 32 beyond a shift of 32
-        s9 = shift9
-        rs = Mux(s9 >= LFSR_BITS, 0, LFSR_BITS - s9).as_unsigned()[:(LFSR_BITS).bit_length()]
-        r10 = stage(Mux(s9 > 0, rands[9] >> rs, 0), unsigned(LFSR_BITS), "r_s10")
+        # 11: random bits r = rand >> (32 - shift), all 32 beyond a shift of 32; the
+        # step's shift as one right shift of (M * mant + r) << left_max by left_max + shift
+        sign = shift[-1]
+        positive = ~sign & shift.any()
+        lbits = LFSR_BITS.bit_length() - 1                  # 32 = 2^5
+        rs = Mux(~sign & shift[lbits:].any(), 0, rbits.as_unsigned()[:lbits + 1])
+        r = stage(11, "r", unsigned(LFSR_BITS), Mux(positive, at(rand, 10) >> rs, 0))
+        amt_max = (1 << (amount_shape.width - 1)) - 1
+        amt = stage(11, "amt", range(amt_max + 1), Mux(amount[-1], 0, amount.as_unsigned()[:-1]))
 
-        # 11: M * mant + r
-        sum11 = stage(mms[10] + r10, signed(mm_bits + 1), "sum_s11")
+        # 12: M * mant + r
+        total = stage(12, "sum", signed(mm_bits + 1), at(mm, 11) + r)
 
-        # 12: the step, clamped to +-2^master_bits
-        s11 = shifts[11]
-        right = Mux(s11 > 0, s11, 0).as_unsigned()[:shift_shape.width - 1]
-        left_max = mb + 1                            # any non-zero step << left_max clamps
-        left = Mux(s11 < -left_max, left_max, Mux(s11 < 0, -s11, 0)).as_unsigned()
-        left = left[:left_max.bit_length()]
-        step_wide = Mux(s11 > 0, sum11 >> right, sum11 << left)
-        lim = 1 << mb
-        step12 = stage(_saturate(step_wide, -lim, lim), signed(mb + 2), "step_s12")
+        # 13, 14: the step, shifted, then clamped to [-2^mb, 2^mb - 1] (a step beyond that
+        # saturates W whatever it is)
+        x = stage(13, "stepwide", signed(mm_bits + 1 + left_max), (total << left_max) >> at(amt, 12))
+        step = stage(14, "step", signed(mb + 1), _saturate(x, mb + 1))
 
-        # 13: W'
-        w_lo, w_hi = -(1 << (mb - 1)), (1 << (mb - 1)) - 1
-        wnew13 = stage(_saturate(ws[12] - step12, w_lo, w_hi), signed(mb), "wnew_s13")
+        # 15: W'
+        wnew = stage(15, "wnew", signed(mb), _saturate(at(w, 14) - step, mb))
 
         m.d.comb += [
             o.valid.eq(valid[-1]),
-            o.payload.w.eq(wnew13),
-            o.payload.m.eq(mnews[13]),
-            o.payload.v.eq(vnews[13]),
+            o.payload.w.eq(wnew),
+            o.payload.m.eq(at(mnew, LATENCY)),
+            o.payload.v.eq(at(vnew, LATENCY)),
             o.payload.last.eq(last[-1]),
         ]
         return m

@@ -10,7 +10,7 @@ import pytest
 from amaranth.sim import Simulator
 
 from gateware.config import DEFAULT, AccelConfig
-from gateware.update import FSHIFT_BITS, UpdateUnit
+from gateware.update import FSHIFT_BITS, LATENCY, UpdateUnit
 from sim import fixed, fixed_model
 from sim.fixed import Lfsr
 from sim.finetune import lfsr_seed
@@ -23,7 +23,6 @@ from tests.gateware.harness import SIMULATORS, run_cocotb
 ODD = AccelConfig(F_v=22, beta1_shift=4, beta2_shift=9, m_bits=38, v_bits=44, e_min=-10,
                   lr_mant_bits=12, F_m=22)
 
-LATENCY = 13
 FIELDS = ("w", "m", "v", "last")
 
 
