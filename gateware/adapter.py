@@ -216,19 +216,27 @@ class AdapterDatapath(wiring.Component):
     - forward: every input beat is accepted in the cycle it is valid and issues one row of
       ``A_l`` to the lanes (``r`` lanes busy), so the hidden sums follow the stream; a
       side pipeline requantizes each finished layer's ``h_l`` (one element per cycle,
-      hidden behind the next layer's beats and the base logits). Then ``L r`` cycles of
-      ``B_l`` rows (``C`` lanes busy), a drain, and ``C`` beats of ``z``:
-      ``n + C + L r + C + 12`` cycles from the first input beat to the last ``z``
-      accepted; 298 + 16 + 10 + 12 = 336 for the digits model at rank 4 (1312 MACs).
-    - gradient: C beats of ``g``, then ``L r`` rows for ``e`` (adder tree over the
-      lanes), ``L r`` rows for ``dB``, ``n`` rows for ``dA`` (read-modify-write of the
-      accumulators), and a drain: ``C + 2 L r + n + 9`` cycles from the first ``g`` beat
-      until ``busy`` falls; 10 + 32 + 288 + 9 = 339 for digits (1472 MACs).
+      hidden behind the next layer's beats and the base logits, ``r + 7`` cycles after
+      the last input for the last layer). Then ``L r`` cycles of ``B_l`` rows (``C`` lanes
+      busy), a drain, and ``C`` beats of ``z``. From the cycle that accepts the first
+      input beat to the one that accepts the last ``z``, inclusive:
+      ``n + max(C, r + 7) + L r + C + 8`` cycles; for the digits model at rank 4 (n = 288,
+      L = 4, C = 10) 288 + 11 + 16 + 10 + 8 = 333 cycles for 1312 MACs.
+    - gradient: C beats of ``g`` into registers, then ``L r`` rows for ``e`` (products on
+      ``C`` lanes, a registered adder tree over the lanes, requantize), ``L r`` rows for
+      ``dB`` and ``n`` rows for ``dA`` (read-modify-write of the accumulators, written
+      back five cycles after the read; every row of a pass is a different address, so
+      nothing is read before it is written back), and a drain. From the cycle that
+      accepts the first ``g`` beat to the first cycle with ``busy`` low:
+      ``C + 2 L r + n + 6`` cycles when ``L r`` covers the adder tree's latency
+      (``log2 P + 5``); for digits 10 + 32 + 288 + 6 = 336 cycles for 1472 MACs.
 
-    The rows of ``A_l`` use ``r`` of the ``P`` lanes: the unit does 1312 + 1472 MACs of a
-    digits sample in about 675 cycles (4.1 MACs per cycle of a possible 16). With a
-    second sample buffer the forward of sample ``s+1`` could overlap the gradient of
-    ``s``; this unit does one sample at a time.
+    So a digits sample takes 669 cycles for 2784 MACs (4.2 per cycle of a possible 16:
+    the rows of ``A_l``, which carry most of the MACs, use ``r`` of the ``P`` lanes).
+    tests/gateware/test_adapter.py (tiny configuration) and cocotb_adapter.py (digits)
+    check both formulas. Not done here: a second sample buffer, so that the forward of
+    sample ``s+1`` overlaps the gradient of ``s``, and several rows of ``A_l`` per cycle
+    when ``r < P``.
     """
 
     def __init__(self, cfg=DEFAULT):

@@ -24,6 +24,9 @@ from tests.gateware.streams import StreamSink, StreamSource, config_from_env, en
 CFG = config_from_env()
 SEED = env_int("SKIPTUNE_SEED", 2026)
 RANK = 4
+# Samples per batch: 20 on Verilator; the pytest driver asks for fewer on Icarus, which
+# runs about 4x slower.
+BATCH = env_int("SKIPTUNE_ADAPTER_BATCH", 20)
 
 
 def flat(masters):
@@ -169,13 +172,13 @@ def trained(model, wl, steps, batch=20):
         g = fixed_model.loss_grad(z, y, CFG)
         grads = fixed_model.adapter_grads(model, xs, hs, g, masters, CFG)
         masters, moments = fixed_model.update(model, masters, moments, grads, 0.01, lfsr, CFG)
-    return (masters,) + inputs(batches[steps])
+    return (masters,) + inputs(batches[steps][:BATCH])
 
 
 @cocotb.test()
 async def digits_batch(dut):
     """The digits model (4 layers, d = 64, 128, 64, 32, C = 10) after two golden updates:
-    a batch of 20 real samples with bubbles and stalls."""
+    a batch of 20 real samples (BATCH) with bubbles and stalls."""
     model, wl = workload("digits", "rotate:30")
     masters, xs, base, y = trained(model, wl, 2)
     assert any(np.abs(b).max() > 0 for _, b in masters)
@@ -197,7 +200,7 @@ async def extremes(dut):
     z and e saturates and the accumulators take their largest terms."""
     model, _ = workload("digits", "rotate:30")
     rng = np.random.default_rng(SEED)
-    n = 6
+    n = min(6, BATCH)
     lim = 1 << 31
     masters = [(np.where(rng.random((d, RANK)) < 0.5, -lim, lim - 1).astype(np.int64),
                 np.where(rng.random((RANK, model.classes)) < 0.5, -lim, lim - 1).astype(np.int64))

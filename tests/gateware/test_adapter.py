@@ -214,6 +214,7 @@ def test_adapter_cocotb(sim):
     reason = missing_reason(sim)
     if reason:                          # before building a component that would go unused
         pytest.skip(f"{sim}: {reason}")
+    env = {"SKIPTUNE_ADAPTER_BATCH": "20" if sim == "verilator" else "5"}
     rtl, tests, wall = run_cocotb(sim, "adapter_dp", AdapterDatapath(DEFAULT),
-                                  "tests.gateware.cocotb_adapter", DEFAULT)
+                                  "tests.gateware.cocotb_adapter", DEFAULT, env=env)
     print(f"{sim}: build {rtl.build_seconds:.1f} s, {tests} tests in {wall:.1f} s")
