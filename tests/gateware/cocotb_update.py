@@ -82,7 +82,8 @@ async def digits_updates(dut):
     seed = 0
     mant, exp = fixed_model.lr_mantissa(0.01, CFG)
     await load_seed(dut, lfsr_seed(seed))
-    for b, (beats, want, state) in enumerate(digits_batches(5, seed=seed, cfg=CFG)):
+    batches = digits_batches(5, seed=seed, cfg=CFG)
+    for b, (beats, want, state) in enumerate(batches):
         got, lfsr, _ = await stream(dut, beats, mant, exp, idle=0.2, stall=0.3, seed=10 + b)
         assert_same(got, want, f"update {b}")
         assert lfsr == state, f"update {b}: LFSR {lfsr:#x}, want {state:#x}"
