@@ -19,7 +19,7 @@ written from those formulas; nothing is imported from ``sim/`` (the golden model
 share code with the hardware it checks).
 """
 
-from amaranth import C, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth import C, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -45,7 +45,7 @@ LFSR_BITS = 32
 LATENCY = 15
 
 # Operand chunk of a partial product: 17 bits unsigned fit a MULT18X18D's 18-bit signed
-# input; the top chunk of a signed operand is signed and at most 18 bits.
+# input; the top chunk of a signed operand is taken signed (at most 17 bits).
 _CHUNK = 17
 
 
