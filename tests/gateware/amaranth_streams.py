@@ -17,3 +17,16 @@ def stream_source(stream, beats, idle=0.0, rng=None):
         ctx.set(stream.valid, 0)
 
     return source
+
+
+class Cycles:
+    """Counts clock ticks into ``n`` as a background testbench:
+    ``sim.add_testbench(cycles.count, background=True)``."""
+
+    def __init__(self):
+        self.n = 0
+
+    async def count(self, ctx):
+        while True:
+            await ctx.tick()
+            self.n += 1

@@ -19,7 +19,8 @@ from gateware.layouts import loss_in_layout, loss_out_layout
 from sim import fixed_model
 from sim.finetune import adapter_macs, batch_order, init_adapters, lfsr_seed
 from sim.fixed import Lfsr
-from tests.gateware.streams import StreamSink, StreamSource, config_from_env, env_int, pack, start
+from tests.gateware.test_adapter import flat_masters, split_flat
+from tests.gateware.streams import CycleCounter, StreamSink, StreamSource, config_from_env, env_int, pack, start
 
 CFG = config_from_env()
 SEED = env_int("SKIPTUNE_SEED", 2026)
@@ -27,21 +28,6 @@ RANK = 4
 # Samples per batch: 20 on Verilator; the pytest driver asks for fewer on Icarus, which
 # runs about 4x slower.
 BATCH = env_int("SKIPTUNE_ADAPTER_BATCH", 20)
-
-
-def flat(masters):
-    return [int(v) for a, b in masters for t in (a, b) for v in np.asarray(t).ravel()]
-
-
-def split(values, sizes, rank, classes):
-    out, pos = [], 0
-    for d in sizes:
-        a = np.array(values[pos:pos + d * rank], np.int64).reshape(d, rank)
-        pos += d * rank
-        b = np.array(values[pos:pos + rank * classes], np.int64).reshape(rank, classes)
-        pos += rank * classes
-        out.append((a, b))
-    return out
 
 
 class Adapter:
@@ -65,7 +51,7 @@ class Adapter:
 
     async def write_masters(self, masters):
         """One word per cycle through the port (call at a falling edge)."""
-        for a, w in enumerate(flat(masters)):
+        for a, w in enumerate(flat_masters(masters)):
             self.dut.mem_addr.value = a
             self.dut.mem_wdata.value = w & 0xFFFFFFFF
             self.dut.mem_we.value = 1
@@ -132,10 +118,10 @@ async def run_batch(dut, model, masters, xs, base, y, idle=0.3, stall=0.3, seed=
     await ad.idle()
     g = fixed_model.loss_grad(want_z, y, CFG)
     want = fixed_model.adapter_grads(model, xs, hs, g, masters, CFG)
-    count = len(flat(masters))
+    count = len(flat_masters(masters))
     ms, gs = await ad.read(count)
-    assert ms == flat(masters), "masters changed"
-    got = split(gs, ad.sizes, ad.rank, ad.classes)
+    assert ms == flat_masters(masters), "masters changed"
+    got = split_flat(gs, ad.sizes, ad.rank, ad.classes)
     for l, ((da, db), (ra, rb)) in enumerate(zip(want, got)):
         assert np.array_equal(ra, da), f"dA_{l}: {np.argwhere(ra != da)[:5].tolist()} differ"
         assert np.array_equal(rb, db), f"dB_{l}: {np.argwhere(rb != db)[:5].tolist()} differ"
@@ -229,24 +215,17 @@ async def digits_full_rate(dut):
     want_z, _ = fixed_model.adapter_forward(model, xs, base, masters, CFG)
     cycles = []
     for s in range(3):
-        clock = {"t": 0}
-
-        async def count():
-            while True:
-                await RisingEdge(dut.clk)
-                clock["t"] += 1
-
-        counter = cocotb.start_soon(count())
+        clock = CycleCounter(dut).start()
         beats = [{"data": int(v), "label": int(y[s]), "first": 0, "last": 0}
                  for v in np.concatenate([x[s] for x in xs] + [base[s]])]
         sending = cocotb.start_soon(ad.src.send(beats))
         got = await ad.sink.collect(C)
-        t_fwd = clock["t"]
+        t_fwd = clock.n
         await sending
         z = np.array([b["z"] for b in got], np.int64)
         assert np.array_equal(z, want_z[s])
         g = fixed_model.loss_grad(z[None], y[s:s + 1], CFG)[0]
-        t0 = clock["t"]
+        t0 = clock.n
         await ad.gsrc.send([{"g": int(v), "cls": c, "pred": 0, "correct": 0, "first": 0, "last": 0}
                             for c, v in enumerate(g)])
         while True:                     # the first cycle with busy low
@@ -254,9 +233,9 @@ async def digits_full_rate(dut):
             if not int(dut.busy.value):
                 break
             await FallingEdge(dut.clk)
-        cycles.append((t_fwd, clock["t"] - t0))
+        cycles.append((t_fwd, clock.n - t0))
         await FallingEdge(dut.clk)
-        counter.cancel()
+        clock.stop()
     fwd, grad = adapter_macs(model, RANK)
     dut._log.info(f"digits rank {RANK}: forward {cycles[0][0]} cycles for {fwd} MACs, "
                   f"gradient {cycles[0][1]} cycles for {grad} MACs")

@@ -17,7 +17,7 @@ from sim.fixed import imatmul
 from sim.fixed_model import frozen_forward
 from sim.network import im2col
 
-from tests.gateware.streams import StreamSink, StreamSource, config_from_env, start
+from tests.gateware.streams import CycleCounter, StreamSink, StreamSource, config_from_env, start
 from tests.gateware.test_systolic import assemble, ref_tiles
 
 CFG = config_from_env()
@@ -30,21 +30,14 @@ async def rtl_gemm(dut, a, b, idle=0.0, stall=0.0, seed=0, hold=0):
     beats, tiles = ref_tiles(a, b, R, C)
     src = StreamSource(dut, "i", feed_layout(R, C, CFG.act_bits), idle=idle, seed=seed)
     sink = StreamSink(dut, "o", result_layout(C, CFG.acc_bits), stall=stall, seed=seed + 1)
-    counter = {"n": 0}
-
-    async def count():
-        while True:
-            await RisingEdge(dut.clk)
-            counter["n"] += 1
-
-    clock = cocotb.start_soon(count())
+    counter = CycleCounter(dut).start()
     send = cocotb.start_soon(src.send(beats))
     for _ in range(hold):
         await RisingEdge(dut.clk)
     rows = await sink.collect(len(tiles) * R, timeout=20 * len(beats) + 1000)
     await send
-    clock.cancel()
-    return assemble(rows, tiles, a.shape[0], b.shape[1], R, C), counter["n"]
+    cycles = counter.stop()
+    return assemble(rows, tiles, a.shape[0], b.shape[1], R, C), cycles
 
 
 def check(got, a, b, what):

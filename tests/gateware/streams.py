@@ -40,6 +40,29 @@ async def start(dut, cycles=2):
     dut.rst.value = 0
 
 
+class CycleCounter:
+    """Counts rising edges of ``dut.clk`` between `start` and `stop`."""
+
+    def __init__(self, dut):
+        self.clk = dut.clk
+        self.n = 0
+        self._task = None
+
+    def start(self):
+        async def run():
+            while True:
+                await RisingEdge(self.clk)
+                self.n += 1
+
+        self.n = 0
+        self._task = cocotb.start_soon(run())
+        return self
+
+    def stop(self):
+        self._task.cancel()
+        return self.n
+
+
 def _width(shape):
     return shape.size if isinstance(shape, data.Layout) else Shape.cast(shape).width
 

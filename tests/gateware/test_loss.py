@@ -13,7 +13,7 @@ from gateware.config import DEFAULT, AccelConfig
 from gateware.loss import LossUnit, exp_table
 from sim import fixed, fixed_model
 from sim.rtl import missing_reason
-from tests.gateware.amaranth_streams import stream_source
+from tests.gateware.amaranth_streams import Cycles, stream_source
 from tests.gateware.harness import SIMULATORS, run_cocotb
 
 # A second configuration: other gradient and table formats, a table short enough that its
@@ -41,13 +41,7 @@ def rtl_loss(samples, cfg, idle=0.0, stall=0.0, seed=0):
     beats = [{"z": z_c, "label": y, "first": c == 0, "last": c == len(z) - 1}
              for z, y in samples for c, z_c in enumerate(z)]
     got, first_cycles = [], []
-    cycle = 0
-
-    async def clock_count(ctx):
-        nonlocal cycle
-        while True:
-            await ctx.tick()
-            cycle += 1
+    cycles = Cycles()
 
     async def sink(ctx):
         for _ in beats:
@@ -57,13 +51,13 @@ def rtl_loss(samples, cfg, idle=0.0, stall=0.0, seed=0):
             payload, = await ctx.tick().sample(dut.o_stream.payload).until(dut.o_stream.valid)
             ctx.set(dut.o_stream.ready, 0)
             if payload.first:
-                first_cycles.append(cycle)
+                first_cycles.append(cycles.n)
             got.append({name: int(getattr(payload, name))
                         for name in ("g", "cls", "pred", "correct", "first", "last")})
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
-    sim.add_testbench(clock_count, background=True)
+    sim.add_testbench(cycles.count, background=True)
     sim.add_testbench(stream_source(dut.i_stream, beats, idle, rng_in))
     sim.add_testbench(sink)
     sim.run()

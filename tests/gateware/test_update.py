@@ -15,6 +15,7 @@ from sim import fixed, fixed_model
 from sim.fixed import Lfsr
 from sim.finetune import lfsr_seed
 from sim.rtl import missing_reason
+from tests.gateware.amaranth_streams import Cycles
 from tests.gateware.harness import SIMULATORS, run_cocotb
 
 # A second configuration: other moment widths and decays, a narrower mantissa, another
@@ -198,15 +199,9 @@ def rtl_update(runs, cfg, idle=0.0, stall=0.0, seed=0):
     dut = UpdateUnit(cfg)
     rng_in, rng_out = random.Random(seed), random.Random(seed + 1)
     results = []
-    cycle = 0
+    cycles = Cycles()
     accept_cycles, out_cycles = [], []
     done = []
-
-    async def clock_count(ctx):
-        nonlocal cycle
-        while True:
-            await ctx.tick()
-            cycle += 1
 
     async def source(ctx):
         for k, (beats, state, mant, exp) in enumerate(runs):
@@ -226,7 +221,7 @@ def rtl_update(runs, cfg, idle=0.0, stall=0.0, seed=0):
                 ctx.set(dut.i_stream.valid, 1)
                 ctx.set(dut.i_stream.payload, beat)
                 await ctx.tick().until(dut.i_stream.ready)
-                accept_cycles.append(cycle)
+                accept_cycles.append(cycles.n)
                 ctx.set(dut.i_stream.valid, 0)
 
     async def sink(ctx):
@@ -237,7 +232,7 @@ def rtl_update(runs, cfg, idle=0.0, stall=0.0, seed=0):
                     await ctx.tick()
                 ctx.set(dut.o_stream.ready, 1)
                 payload, = await ctx.tick().sample(dut.o_stream.payload).until(dut.o_stream.valid)
-                out_cycles.append(cycle)
+                out_cycles.append(cycles.n)
                 ctx.set(dut.o_stream.ready, 0)
                 got.append({name: int(getattr(payload, name)) for name in FIELDS})
             results.append((got, ctx.get(dut.lfsr)))
@@ -245,7 +240,7 @@ def rtl_update(runs, cfg, idle=0.0, stall=0.0, seed=0):
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
-    sim.add_testbench(clock_count, background=True)
+    sim.add_testbench(cycles.count, background=True)
     sim.add_testbench(source)
     sim.add_testbench(sink)
     sim.run()
