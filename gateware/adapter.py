@@ -33,9 +33,9 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
 from .config import DEFAULT, AccelConfig
-from .layouts import class_bits, loss_in_layout, loss_out_layout
+from .layouts import class_bits, loss_in_layout, loss_out_layout, sample_layout
 
-__all__ = ["AdapterDatapath", "setup_layout", "sample_layout", "lanes", "grad_bits",
+__all__ = ["AdapterDatapath", "setup_layout", "lanes", "grad_bits",
            "H_SHIFT_BITS"]
 
 # Shift of h_l, s_x[l] + F_w - F_h, as a run-time parameter: any value in [-32, 31] is
@@ -93,20 +93,6 @@ def setup_layout(cfg):
             "size": unsigned(bits_for(cfg.max_adapter_in)),
             "h_shift": signed(H_SHIFT_BITS),
         }), cfg.max_layers),
-    })
-
-
-def sample_layout(cfg):
-    """One beat of a sample, in the order the activation cache returns it: the ``sum_l
-    d_l`` adapter inputs (``data`` = the int8 value, sign-extended) layer by layer, then
-    the C base logits (``data`` = int16 at F_z). ``label`` (the true class) is read on the
-    last logit. ``first``/``last`` frame the packet for other consumers; this unit counts
-    the beats from ``setup`` and does not read them."""
-    return data.StructLayout({
-        "data": signed(cfg.logit_bits),
-        "label": unsigned(class_bits(cfg)),
-        "first": unsigned(1),
-        "last": unsigned(1),
     })
 
 

@@ -111,8 +111,10 @@ from amaranth.lib.memory import Memory, MemoryData
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
-__all__ = ["ActivationCache", "ByteBank", "setup_layout", "fill_layout", "request_layout",
-           "read_layout", "line_stride", "dp16kd_count", "index_bits"]
+from .layouts import fill_layout, index_bits, read_layout, request_layout
+
+__all__ = ["ActivationCache", "ByteBank", "setup_layout",
+           "line_stride", "dp16kd_count"]
 
 READ_FIFO_DEPTH = 5            # in flight: issue, RAM, segment register; 1 beat/cycle
 SEGMENT_BYTES = 16384          # eight DP16KD in 16384 x 1 mode
@@ -139,11 +141,6 @@ def dp16kd_count(cfg):
     return 2 * sum(-(-d // DP16KD_BYTES) for d in _segments(_bank_bytes(cfg)))
 
 
-def index_bits(cfg):
-    """Width of a sample index: any uploaded sample, and at least one past capacity."""
-    return max(bits_for(cfg.max_samples - 1), bits_for(cfg.cache_samples))
-
-
 def layer_layout(cfg):
     return data.StructLayout({
         "size":   unsigned(bits_for(cfg.cache_act_words)),
@@ -158,32 +155,6 @@ def setup_layout(cfg):
         "classes":  unsigned(bits_for(cfg.max_classes)),
         "n_layers": unsigned(bits_for(cfg.max_layers)),
         "layers":   data.ArrayLayout(layer_layout(cfg), cfg.max_layers),
-    })
-
-
-def fill_layout(cfg):
-    return data.StructLayout({
-        "index": unsigned(index_bits(cfg)),
-        "data":  signed(cfg.logit_bits),
-        "first": unsigned(1),
-        "last":  unsigned(1),
-    })
-
-
-def request_layout(cfg):
-    return data.StructLayout({
-        "index": unsigned(index_bits(cfg)),
-        "count": unsigned(1),
-    })
-
-
-def read_layout(cfg):
-    return data.StructLayout({
-        "data":  signed(cfg.logit_bits),
-        "logit": unsigned(1),
-        "hit":   unsigned(1),
-        "first": unsigned(1),
-        "last":  unsigned(1),
     })
 
 

@@ -5,10 +5,12 @@ Every stream is `amaranth.lib.stream` with one of these `data.StructLayout` payl
 """
 
 from amaranth import signed, unsigned
-from amaranth.utils import ceil_log2
+from amaranth.utils import bits_for, ceil_log2
 from amaranth.lib import data
 
-__all__ = ["feed_layout", "result_layout", "conv_out_layout", "loss_in_layout", "loss_out_layout"]
+__all__ = ["feed_layout", "result_layout", "conv_out_layout", "class_bits", "loss_in_layout",
+           "loss_out_layout", "index_bits", "fill_layout", "request_layout", "read_layout",
+           "sample_layout", "DW_BITS", "FSHIFT_BITS", "update_in_layout", "update_out_layout"]
 
 
 def feed_layout(rows, cols, width=8):
@@ -68,5 +70,92 @@ def loss_out_layout(cfg):
         "pred": unsigned(class_bits(cfg)),
         "correct": unsigned(1),
         "first": unsigned(1),
+        "last": unsigned(1),
+    })
+
+
+# Activation cache (gateware/cache.py)
+
+
+def index_bits(cfg):
+    """Width of a sample index: any uploaded sample, and at least one past capacity."""
+    return max(bits_for(cfg.max_samples - 1), bits_for(cfg.cache_samples))
+
+
+def fill_layout(cfg):
+    return data.StructLayout({
+        "index": unsigned(index_bits(cfg)),
+        "data":  signed(cfg.logit_bits),
+        "first": unsigned(1),
+        "last":  unsigned(1),
+    })
+
+
+def request_layout(cfg):
+    return data.StructLayout({
+        "index": unsigned(index_bits(cfg)),
+        "count": unsigned(1),
+    })
+
+
+def read_layout(cfg):
+    return data.StructLayout({
+        "data":  signed(cfg.logit_bits),
+        "logit": unsigned(1),
+        "hit":   unsigned(1),
+        "first": unsigned(1),
+        "last":  unsigned(1),
+    })
+
+
+# Adapter datapath (gateware/adapter.py)
+
+
+def sample_layout(cfg):
+    """One beat of a sample, in the order the activation cache returns it: the ``sum_l
+    d_l`` adapter inputs (``data`` = the int8 value, sign-extended) layer by layer, then
+    the C base logits (``data`` = int16 at F_z). ``label`` (the true class) is read on the
+    last logit. ``first``/``last`` frame the packet for other consumers; this unit counts
+    the beats from ``setup`` and does not read them."""
+    return data.StructLayout({
+        "data": signed(cfg.logit_bits),
+        "label": unsigned(class_bits(cfg)),
+        "first": unsigned(1),
+        "last": unsigned(1),
+    })
+
+
+# Update unit (gateware/update.py)
+
+# Batch-summed gradient accumulator entering the unit. docs/numerics.md section 8 bounds
+# |dA_l| by 2^30 (32 bits signed) and |dB_l| by 2^37 (39 bits signed) for every schedule
+# check_limits admits; 48 bits leave 9 bits of headroom for larger limits.
+DW_BITS = 48
+# f_d - F_n, the gradient's shift to F_n: -1 .. 2 (A_l) and 8 (B_l) for the shipped digits
+# and fan models. Any value in [-32, 31] is computed exactly.
+FSHIFT_BITS = 6
+
+
+def update_in_layout(cfg):
+    """One weight entering the update unit, in the order A_0, B_0, A_1, B_1, ... (each
+    row-major). ``fshift`` is ``f_d - F_n`` of the weight's tensor (``s_x[l] + F_e - F_n``
+    for ``A_l``, ``F_h + F_g - F_n`` for ``B_l``); ``last`` marks the update's last weight
+    and is passed through."""
+    return data.StructLayout({
+        "w": signed(cfg.master_bits),       # master weight at F_m
+        "m": signed(cfg.m_bits),            # first moment at F_n + beta1_shift
+        "v": unsigned(cfg.v_bits),          # second moment at F_v + beta2_shift
+        "d": signed(DW_BITS),               # batch-summed gradient at f_d
+        "fshift": signed(FSHIFT_BITS),      # f_d - F_n
+        "last": unsigned(1),
+    })
+
+
+def update_out_layout(cfg):
+    """One updated weight leaving the unit, in the input's order."""
+    return data.StructLayout({
+        "w": signed(cfg.master_bits),
+        "m": signed(cfg.m_bits),
+        "v": unsigned(cfg.v_bits),
         "last": unsigned(1),
     })

@@ -24,17 +24,10 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .config import DEFAULT, AccelConfig
+from .layouts import DW_BITS, FSHIFT_BITS, update_in_layout, update_out_layout
 
-__all__ = ["UpdateUnit", "update_in_layout", "update_out_layout",
-           "DW_BITS", "FSHIFT_BITS", "EXP_BITS", "G_BITS", "LFSR_BITS", "LATENCY"]
+__all__ = ["UpdateUnit", "EXP_BITS", "G_BITS", "LFSR_BITS", "LATENCY"]
 
-# Batch-summed gradient accumulator entering the unit. docs/numerics.md section 8 bounds
-# |dA_l| by 2^30 (32 bits signed) and |dB_l| by 2^37 (39 bits signed) for every schedule
-# check_limits admits; 48 bits leave 9 bits of headroom for larger limits.
-DW_BITS = 48
-# f_d - F_n, the gradient's shift to F_n: -1 .. 2 (A_l) and 8 (B_l) for the shipped digits
-# and fan models. Any value in [-32, 31] is computed exactly.
-FSHIFT_BITS = 6
 # Learning-rate exponent: lr = mant * 2^-exp. check_limits keeps exp in [11, 29]; 7 bits
 # also hold lr_mantissa(1e-5), exp = 32.
 EXP_BITS = 7
@@ -47,31 +40,6 @@ LATENCY = 15
 # Operand chunk of a partial product: 17 bits unsigned fit a MULT18X18D's 18-bit signed
 # input; the top chunk of a signed operand is taken signed (at most 17 bits).
 _CHUNK = 17
-
-
-def update_in_layout(cfg):
-    """One weight entering the update unit, in the order A_0, B_0, A_1, B_1, ... (each
-    row-major). ``fshift`` is ``f_d - F_n`` of the weight's tensor (``s_x[l] + F_e - F_n``
-    for ``A_l``, ``F_h + F_g - F_n`` for ``B_l``); ``last`` marks the update's last weight
-    and is passed through."""
-    return data.StructLayout({
-        "w": signed(cfg.master_bits),       # master weight at F_m
-        "m": signed(cfg.m_bits),            # first moment at F_n + beta1_shift
-        "v": unsigned(cfg.v_bits),          # second moment at F_v + beta2_shift
-        "d": signed(DW_BITS),               # batch-summed gradient at f_d
-        "fshift": signed(FSHIFT_BITS),      # f_d - F_n
-        "last": unsigned(1),
-    })
-
-
-def update_out_layout(cfg):
-    """One updated weight leaving the unit, in the input's order."""
-    return data.StructLayout({
-        "w": signed(cfg.master_bits),
-        "m": signed(cfg.m_bits),
-        "v": unsigned(cfg.v_bits),
-        "last": unsigned(1),
-    })
 
 
 def _rshift_round(value, shift):

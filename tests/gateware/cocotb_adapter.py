@@ -14,8 +14,8 @@ import cocotb
 import numpy as np
 from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge
 
-from gateware.adapter import sample_layout, setup_layout
-from gateware.layouts import loss_in_layout, loss_out_layout
+from gateware.adapter import setup_layout
+from gateware.layouts import loss_in_layout, loss_out_layout, sample_layout
 from sim import fixed_model
 from sim.finetune import adapter_macs, batch_order, init_adapters, lfsr_seed
 from sim.fixed import Lfsr

@@ -7,7 +7,8 @@ Run from pytest: tests/gateware/test_cache.py::test_cocotb."""
 import cocotb
 from cocotb.triggers import FallingEdge, RisingEdge
 
-from gateware.cache import fill_layout, read_layout, request_layout, setup_layout
+from gateware.cache import setup_layout
+from gateware.layouts import fill_layout, read_layout, request_layout
 from tests.gateware.streams import StreamSink, StreamSource, config_from_env, pack, start
 from tests.gateware.test_cache import (INDICES, epoch_ops, fill_beats, invalidate_ops,
                                        real_samples, ref_run, setup_value, split_packets,

@@ -9,7 +9,7 @@ seed in SKIPTUNE_SEED."""
 import cocotb
 from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge
 
-from gateware.update import update_in_layout, update_out_layout
+from gateware.layouts import update_in_layout, update_out_layout
 from sim import fixed_model
 from sim.finetune import lfsr_seed
 from tests.gateware.streams import StreamSink, StreamSource, config_from_env, env_int, start
