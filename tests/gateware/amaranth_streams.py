@@ -19,6 +19,13 @@ def stream_source(stream, beats, idle=0.0, rng=None):
     return source
 
 
+async def pulse(ctx, signal):
+    """Hold ``signal`` high for one clock tick."""
+    ctx.set(signal, 1)
+    await ctx.tick()
+    ctx.set(signal, 0)
+
+
 class Cycles:
     """Counts clock ticks into ``n`` as a background testbench:
     ``sim.add_testbench(cycles.count, background=True)``."""

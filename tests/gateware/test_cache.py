@@ -25,6 +25,7 @@ from gateware.config import DEFAULT
 from sim.cache import ActivationCache as GoldenCache
 from sim.fixed_model import cache_format, codes4
 from sim.rtl import missing_reason
+from tests.gateware.amaranth_streams import pulse
 from tests.gateware.harness import SIMULATORS, run_cocotb
 
 # Small capacities so that every sequence overflows: 8 (indices past it alias onto lines
@@ -349,22 +350,16 @@ def test_fill_framing_errors():
         for b in short:
             await _put(ctx, dut.fill, b, rng, 0)
         got["short"] = ctx.get(dut.fill_error), ctx.get(dut.valid_data[1])
-        ctx.set(dut.clear_counters, 1)
-        await ctx.tick()
-        ctx.set(dut.clear_counters, 0)
+        await pulse(ctx, dut.clear_counters)
         await _put(ctx, dut.fill, {"index": 1, "data": 0, "first": 0, "last": 1}, rng, 0)
         got["stray"] = ctx.get(dut.fill_error)
-        ctx.set(dut.clear_counters, 1)
-        await ctx.tick()
-        ctx.set(dut.clear_counters, 0)
+        await pulse(ctx, dut.clear_counters)
         long = [dict(b) for b in good] + [{"index": 1, "data": 7, "first": 0, "last": 1}]
         long[-2]["last"] = 0
         for b in long:
             await _put(ctx, dut.fill, b, rng, 0)
         got["long"] = ctx.get(dut.fill_error), ctx.get(dut.valid_data[1])
-        ctx.set(dut.invalidate, 1)
-        await ctx.tick()
-        ctx.set(dut.invalidate, 0)
+        await pulse(ctx, dut.invalidate)
         for b in good:
             await _put(ctx, dut.fill, b, rng, 0)
         await ctx.tick()
