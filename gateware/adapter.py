@@ -140,6 +140,8 @@ class AdapterDatapath(wiring.Component):
         ``max_batch``, ``adapter_words``, ``act_bits``, ``master_bits``, ``F_m``,
         ``adapter_bits``, ``F_w``, ``hidden_bits``, ``F_h``, ``F_g``, ``F_e``, ``F_z``
         and ``logit_bits``.
+    write_addr : bool
+        Add the ``mem_waddr`` port (a separate write address on the memory port).
 
     Members
     -------
@@ -166,6 +168,10 @@ class AdapterDatapath(wiring.Component):
         at ``mem_addr``. Honoured only while ``busy`` is low; while any of them is high,
         no new sample is accepted, so that the port owns the memories.
     mem_wdata : In(signed(master_bits))
+    mem_waddr : In(ceil_log2(adapter_words))
+        Only with ``write_addr=True``: the address of ``mem_we`` (otherwise ``mem_addr``),
+        so that a read (and clear) at one address and a write at another share a cycle;
+        `gateware.lora.LoraEngine` streams its update through the port this way.
     mem_rmaster : Out(signed(master_bits)),  mem_rgrad : Out(signed(grad_bits(cfg)))
         The master and the accumulator at the ``mem_addr`` of the previous cycle (a read
         in a cycle with ``mem_re`` high; a write and a read of the same word in one cycle
@@ -229,7 +235,7 @@ class AdapterDatapath(wiring.Component):
     when ``r < P``.
     """
 
-    def __init__(self, cfg=DEFAULT):
+    def __init__(self, cfg=DEFAULT, *, write_addr=False):
         if not isinstance(cfg, AccelConfig):
             raise TypeError(f"cfg must be an AccelConfig, not {cfg!r}")
         if cfg.adapter_bits > 18 or cfg.hidden_bits > 16 or cfg.act_bits > cfg.hidden_bits:
@@ -250,6 +256,7 @@ class AdapterDatapath(wiring.Component):
             "mem_we": In(1),
             "mem_clr": In(1),
             "mem_wdata": In(signed(cfg.master_bits)),
+            **({"mem_waddr": In(self._aw)} if write_addr else {}),
             "mem_rmaster": Out(signed(cfg.master_bits)),
             "mem_rgrad": Out(signed(self._gw)),
             "clear_grads": In(1),
@@ -337,10 +344,11 @@ class AdapterDatapath(wiring.Component):
             self.mem_rmaster.eq(Array(p.data for p in mrd)[port_sel]),
             self.mem_rgrad.eq(Array(p.data for p in grd)[port_sel]),
         ]
+        waddr = self.mem_waddr if hasattr(self, "mem_waddr") else self.mem_addr
         for b in range(P):
-            hit = ~busy & (bank_of(self.mem_addr) == b)
+            hit = ~busy & (bank_of(waddr) == b)
             m.d.comb += [
-                mwr[b].addr.eq(row_of(self.mem_addr)),
+                mwr[b].addr.eq(row_of(waddr)),
                 mwr[b].data.eq(self.mem_wdata),
                 mwr[b].en.eq(hit & self.mem_we),
             ]
