@@ -26,7 +26,7 @@ from sim.finetune import (FixedResult, Schedule, _gather_inputs, adapter_macs, b
                           init_adapters)
 from tests.gateware.streams import StreamSource, config_from_env, env_int, pack, start
 from tests.gateware.test_adapter import flat_masters
-from tests.gateware.test_lora import ref_lora, sample_beats, setup_value
+from tests.gateware.test_lora import ref_lora, sample_beats, sample_cycles, setup_value
 
 CFG = config_from_env()
 N_BATCHES = env_int("SKIPTUNE_LORA_BATCHES", 3)
@@ -140,6 +140,7 @@ async def digits_finetune(dut):
         assert not any(gs), f"batch {k}: accumulators not cleared"
         assert int(dut.lfsr.value) == w_lfsr, f"batch {k}: LFSR"
         assert ms != flat
+        assert fwd == len(y) * sample_cycles(sum(sizes), len(sizes), sched.rank, classes)
         per_sample.append(fwd / len(y))
         upd_cycles.append(upd)
         dut._log.info(f"batch {k}: {len(y)} samples, {n_c} correct; masters bit-exact; "

@@ -58,11 +58,13 @@ def sample_beats(xs, base, y, n):
             for k, v in enumerate(vals)]
 
 
-def rtl_lora(s_x, batches, masters, lr, seed, cfg, idle=0.0, rng_seed=0):
+def rtl_lora(s_x, batches, masters, lr, seed, cfg, idle=0.0, rng_seed=0, overlap=False):
     """The same from the gateware in Amaranth's simulator: masters loaded through the
     port, accumulators and moments cleared, the seed loaded; per batch every sample
     streamed in, ``update`` pulsed, the masters read back. Returns per batch (flat
-    masters, predictions, LFSR state, correct count, forward cycles, update cycles)."""
+    masters, correct count, forward cycles, update cycles, LFSR state). With
+    ``overlap`` the next batch's samples follow the ``update`` strobe at once (the engine
+    holds them until the update is done) and only the last batch is read back."""
     dut = LoraEngine(cfg)
     sizes = [x.shape[1] for x in batches[0][0]]
     rank, classes = masters[0][0].shape[1], batches[0][1].shape[1]
@@ -89,8 +91,9 @@ def rtl_lora(s_x, batches, masters, lr, seed, cfg, idle=0.0, rng_seed=0):
         ctx.set(dut.clear_grads, 0)
         ctx.set(dut.reset_moments, 0)
         await ctx.tick().until(~dut.busy)
-        for xs, base, y in batches:
-            await pulse(ctx, dut.clear_counters)
+        for k, (xs, base, y) in enumerate(batches):
+            if not overlap or k == 0:
+                await pulse(ctx, dut.clear_counters)
             for n in range(len(y)):
                 for beat in sample_beats(xs, base, y, n):
                     while idle and rng.random() < idle:
@@ -101,10 +104,12 @@ def rtl_lora(s_x, batches, masters, lr, seed, cfg, idle=0.0, rng_seed=0):
                     await ctx.tick().until(dut.i_stream.ready)
                 ctx.set(dut.i_stream.valid, 0)
             await pulse(ctx, dut.update)
+            if overlap and k < len(batches) - 1:
+                continue
             await ctx.tick().until(~dut.busy)
             counts = [ctx.get(s) for s in (dut.n_samples, dut.n_correct, dut.fwd_cycles,
                                            dut.upd_cycles)]
-            assert counts[0] == len(y)
+            assert counts[0] == (sum(len(b[2]) for b in batches) if overlap else len(y))
             got = []
             ctx.set(dut.mem_re, 1)
             for a in range(len(flat)):
@@ -135,10 +140,16 @@ def tiny_batches(seed, n_batches=3, batch=2):
     return s_x, batches, masters
 
 
+def sample_cycles(n, L, r, C):
+    """forward+gradient cycles of one sample at full rate (the LoraEngine docstring)."""
+    return 2 * n + max(C, r + 7) + 3 * L * r + 3 * C + 42
+
+
 @pytest.mark.parametrize("idle", [0.0, 0.3], ids=["full-rate", "bubbles"])
 def test_lora_amaranth(idle):
     """Three batches of two samples, three updates: masters, predictions and the LFSR
-    bit-exact after every update; the update takes N + LATENCY + 1 cycles."""
+    bit-exact after every update; the update takes N + LATENCY + 1 cycles, a sample at
+    full rate `sample_cycles`."""
     s_x, batches, masters = tiny_batches(11)
     lr, seed = 0.01, 0
     want = ref_lora(SimpleNamespace(s_x=s_x), batches, masters, lr, seed, TINY)
@@ -149,8 +160,25 @@ def test_lora_amaranth(idle):
         assert g_corr == int((np.array(w_pred) == batches[k][2]).sum())
         assert g_lfsr == w_lfsr
         assert upd == n_w + LATENCY + 1
+        if not idle:
+            xs, base, y = batches[k]
+            assert fwd == len(y) * sample_cycles(sum(x.shape[1] for x in xs), len(xs),
+                                                 masters[0][0].shape[1], base.shape[1])
         print(f"batch {k}: forward+gradient {fwd} cycles, update {upd} cycles")
     assert got[-1][0] != flat_masters(masters)
+
+
+def test_lora_overlap():
+    """Each batch's samples sent right after the previous ``update`` strobe, without
+    waiting: the engine holds them until the update has written every weight back."""
+    s_x, batches, masters = tiny_batches(12, n_batches=3, batch=3)
+    want = ref_lora(SimpleNamespace(s_x=s_x), batches, masters, 0.02, 5, TINY)
+    got = rtl_lora(s_x, batches, masters, 0.02, 5, TINY, idle=0.2, rng_seed=6, overlap=True)
+    assert len(got) == 1
+    assert_array_equal(got[0][0], want[-1][0])
+    assert got[0][1] == sum(int((np.array(w[1]) == b[2]).sum()) for w, b in zip(want, batches))
+    assert got[0][3] == 3 * (len(want[0][0]) + LATENCY + 1)
+    assert got[0][4] == want[-1][2]
 
 
 @pytest.mark.parametrize("sim", SIMULATORS)
