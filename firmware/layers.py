@@ -24,7 +24,8 @@ from amaranth import signed, unsigned
 from amaranth.lib import data
 
 __all__ = ["ConvDescriptor", "LayerPlan", "plan_layer", "plan_network", "pack_activations",
-           "unpack_activations", "pack_weights", "pack_biases", "LayoutError"]
+           "unpack_activations", "pack_weights", "pack_biases", "to_words", "from_words",
+           "LayoutError"]
 
 ADDR_BITS = 16
 
@@ -75,9 +76,13 @@ def steps(s, pool_h, pool_w, wp, in_w, g_in):
     return [(dh, dw, (dh * in_w + dw) * g_in) for dh, dw in moves]
 
 
-def plan_layer(layer, geometry, cfg, *, shift, wide, in_base, out_base, w_base, b_base):
+def plan_layer(layer, geometry, cfg, *, shift, wide, in_base=0, out_base=None, w_base=0,
+               b_base=0):
     """Descriptor of ``layer`` (sim.network.Layer) reading an input stored with
-    ``geometry`` = (H, W, C). Raises LayoutError when a limit is exceeded."""
+    ``geometry`` = (H, W, C) at word ``in_base`` of the activation buffer. The output goes
+    to ``out_base``; None puts it at the top of the activation buffer, or at 0 of the
+    logit memory when ``wide``. Raises LayoutError when a limit is exceeded, including an
+    output that overlaps the input."""
     R, C = cfg.array_rows, cfg.array_cols
     h, w, cin = geometry
     if layer.kind == "fc":
@@ -103,6 +108,9 @@ def plan_layer(layer, geometry, cfg, *, shift, wide, in_base, out_base, w_base, 
     m_pix = hp * wp * pool_h * pool_w
     g_in, g_out = math.ceil(cin / C), math.ceil(layer.out_ch / C)
     k_len = kh * kw * cin
+    in_words, out_words = h * w * g_in, hp * wp * g_out
+    if out_base is None:
+        out_base = 0 if wide else cfg.act_words - out_words
     fields = {
         "in_h": h, "in_w": w, "cin": cin, "g_in": g_in, "kh": kh, "kw": kw,
         "pad_h": pad_h, "pad_w": pad_w, "k_row_step": (w - kw + 1) * g_in,
@@ -117,11 +125,27 @@ def plan_layer(layer, geometry, cfg, *, shift, wide, in_base, out_base, w_base, 
     fields["step_iw"] = [d[1] for d in st]
     fields["step_addr"] = [d[2] for d in st]
     _check_fits(fields)
-    if wide and hp * wp * g_out > math.ceil(cfg.max_classes / C):
+    _check_buffer(in_base, in_words, None if wide else out_base, out_words, cfg)
+    if wide and out_base + out_words > math.ceil(cfg.max_classes / C):
         raise LayoutError(f"{hp * wp * layer.out_ch} logits exceed max_classes = {cfg.max_classes}")
     out_geometry = (hp, wp, layer.out_ch)
-    return LayerPlan(fields, tuple(geometry), out_geometry, in_words=h * w * g_in,
-                     out_words=hp * wp * g_out, w_words=g_out * k_len, b_words=g_out)
+    return LayerPlan(fields, tuple(geometry), out_geometry, in_words=in_words,
+                     out_words=out_words, w_words=g_out * k_len, b_words=g_out)
+
+
+def _check_buffer(in_base, in_words, out_base, out_words, cfg):
+    """The input, and an int8 output (``out_base`` not None), inside the activation
+    buffer and apart."""
+    spans = [(in_base, in_words, "input")]
+    if out_base is not None:
+        spans.append((out_base, out_words, "output"))
+    for base, words, what in spans:
+        if base < 0 or base + words > cfg.act_words:
+            raise LayoutError(f"the layer's {what} needs words {base}..{base + words - 1}; "
+                              f"the activation buffer has {cfg.act_words}")
+    if out_base is not None and in_base < out_base + out_words and out_base < in_base + in_words:
+        raise LayoutError(f"the layer needs {in_words + out_words} activation words for its "
+                          f"input and output; they overlap in a buffer of {cfg.act_words}")
 
 
 def _check_fits(fields):
@@ -143,31 +167,41 @@ def plan_network(model, cfg):
     activations ping-ponging between the bottom and the top of the buffer."""
     plans = []
     geometry = tuple(model.layers[0].in_shape)
-    w_base = b_base = 0
-    low = True
+    w_base = b_base = in_base = 0
     for l, layer in enumerate(model.layers):
         last = l == len(model.layers) - 1
-        probe = plan_layer(layer, geometry, cfg, shift=model.shifts[l], wide=last,
-                           in_base=0, out_base=0, w_base=w_base, b_base=b_base)
-        in_base = 0 if low else cfg.act_words - probe.in_words
-        out_base = cfg.act_words - probe.out_words if low else 0
-        if last:
-            out_base = 0          # the logit memory
-        plan = plan_layer(layer, geometry, cfg, shift=model.shifts[l], wide=last,
-                          in_base=in_base, out_base=out_base, w_base=w_base, b_base=b_base)
-        if probe.in_words + (0 if last else probe.out_words) > cfg.act_words:
-            raise LayoutError(f"layer {l} needs {probe.in_words + probe.out_words} activation "
-                              f"words; the buffer has {cfg.act_words}")
+        # a layer reads where the previous one wrote and writes at the other end
+        out_base = None if in_base == 0 else 0
+        try:
+            plan = plan_layer(layer, geometry, cfg, shift=model.shifts[l], wide=last,
+                              in_base=in_base, out_base=None if last else out_base,
+                              w_base=w_base, b_base=b_base)
+        except LayoutError as exc:
+            raise LayoutError(f"layer {l}: {exc}") from None
         plans.append(plan)
         w_base += plan.w_words
         b_base += plan.b_words
         geometry = plan.out_geometry
-        low = not low
+        in_base = plan.fields["out_base"]
     if w_base > cfg.weight_words // cfg.array_cols:
         raise LayoutError(f"weights need {w_base} words; the memory has {cfg.weight_words // cfg.array_cols}")
     if b_base > cfg.bias_words // cfg.array_cols:
         raise LayoutError(f"biases need {b_base} words; the memory has {cfg.bias_words // cfg.array_cols}")
     return plans
+
+
+def to_words(lanes, width):
+    """(n, cols) lane values -> n ints, lane j in bits [j*width, (j+1)*width)."""
+    mask = (1 << width) - 1
+    return [sum((int(v) & mask) << (j * width) for j, v in enumerate(row))
+            for row in np.asarray(lanes, np.int64)]
+
+
+def from_words(words, cols, width):
+    """Inverse of `to_words` for signed lanes: n ints -> (n, cols) values."""
+    mask, sign = (1 << width) - 1, 1 << (width - 1)
+    return np.array([[(((int(w) >> (j * width)) & mask) ^ sign) - sign for j in range(cols)]
+                     for w in words], np.int64).reshape(-1, cols)
 
 
 def pack_activations(x, cols):

@@ -35,7 +35,7 @@ from amaranth.utils import bits_for, ceil_log2
 from .config import DEFAULT, AccelConfig
 from .layouts import class_bits, loss_in_layout, loss_out_layout, sample_layout
 
-__all__ = ["AdapterDatapath", "setup_layout", "lanes", "grad_bits",
+__all__ = ["AdapterDatapath", "setup_layout", "master_port", "lanes", "grad_bits",
            "H_SHIFT_BITS"]
 
 # Shift of h_l, s_x[l] + F_w - F_h, as a run-time parameter: any value in [-32, 31] is
@@ -69,6 +69,22 @@ def grad_bits(cfg):
     h, g = 1 << (cfg.hidden_bits - 1), 1 << (16 - 1)
     x, e = 1 << (cfg.act_bits - 1), 1 << (cfg.hidden_bits - 1)
     return _signed_bits(cfg.max_batch * max(h * g, x * e))
+
+
+def master_port(cfg, write_addr=False):
+    """The signature members of the port to the masters and gradient accumulators (the
+    `AdapterDatapath` docstring describes them); `LoraEngine` passes the same port on."""
+    aw = max(1, ceil_log2(cfg.adapter_words))
+    return {
+        "mem_addr": In(aw),
+        "mem_re": In(1),
+        "mem_we": In(1),
+        "mem_clr": In(1),
+        "mem_wdata": In(signed(cfg.master_bits)),
+        **({"mem_waddr": In(aw)} if write_addr else {}),
+        "mem_rmaster": Out(signed(cfg.master_bits)),
+        "mem_rgrad": Out(signed(grad_bits(cfg))),
+    }
 
 
 def _acc_bits(cfg):
@@ -251,14 +267,7 @@ class AdapterDatapath(wiring.Component):
             "i_stream": In(stream.Signature(sample_layout(cfg))),
             "o_stream": Out(stream.Signature(loss_in_layout(cfg))),
             "g_stream": In(stream.Signature(loss_out_layout(cfg))),
-            "mem_addr": In(self._aw),
-            "mem_re": In(1),
-            "mem_we": In(1),
-            "mem_clr": In(1),
-            "mem_wdata": In(signed(cfg.master_bits)),
-            **({"mem_waddr": In(self._aw)} if write_addr else {}),
-            "mem_rmaster": Out(signed(cfg.master_bits)),
-            "mem_rgrad": Out(signed(self._gw)),
+            **master_port(cfg, write_addr),
             "clear_grads": In(1),
             "busy": Out(1),
         })
@@ -605,20 +614,16 @@ class AdapterDatapath(wiring.Component):
                             m.next = "EPASS"
                     with m.Else():
                         m.d.sync += cnt.eq(cnt + 1)
-            with m.State("EPASS"):
-                m.d.comb += [op0.eq(_Op.E), start0.eq(ptr), count0.eq(classes),
-                             layer0.eq(l), k0.eq(i)]
-                b_row_walk()
-                with m.If(row_end & last_layer):
-                    m.d.sync += reset_walk(True)
-                    m.next = "DBPASS"
-            with m.State("DBPASS"):
-                m.d.comb += [op0.eq(_Op.DB), start0.eq(ptr), count0.eq(classes),
-                             layer0.eq(l), k0.eq(i)]
-                b_row_walk()
-                with m.If(row_end & last_layer):
-                    m.d.sync += reset_walk(False)
-                    m.next = "DAPASS"
+            # two walks over the B rows: e_l = g B_l^T, then dB_l += h_l^T g
+            for state, op, walk_b, after in (("EPASS", _Op.E, True, "DBPASS"),
+                                             ("DBPASS", _Op.DB, False, "DAPASS")):
+                with m.State(state):
+                    m.d.comb += [op0.eq(op), start0.eq(ptr), count0.eq(classes),
+                                 layer0.eq(l), k0.eq(i)]
+                    b_row_walk()
+                    with m.If(row_end & last_layer):
+                        m.d.sync += reset_walk(walk_b)
+                        m.next = after
             with m.State("DAPASS"):
                 # every e_l must be written before its first use
                 with m.If(~e_pending):

@@ -14,7 +14,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-from .adapter import AdapterDatapath, grad_bits, setup_layout
+from .adapter import AdapterDatapath, master_port, setup_layout
 from .config import DEFAULT, AccelConfig
 from .layouts import FSHIFT_BITS, class_bits, sample_layout
 from .loss import LossUnit
@@ -145,13 +145,7 @@ class LoraEngine(wiring.Component):
             "update": In(1),
             "reset_moments": In(1),
             "clear_grads": In(1),
-            "mem_addr": In(self._aw),
-            "mem_re": In(1),
-            "mem_we": In(1),
-            "mem_clr": In(1),
-            "mem_wdata": In(signed(cfg.master_bits)),
-            "mem_rmaster": Out(signed(cfg.master_bits)),
-            "mem_rgrad": Out(signed(grad_bits(cfg))),
+            **master_port(cfg),
             "pred_valid": Out(1),
             "pred": Out(class_bits(cfg)),
             "correct": Out(1),

@@ -36,8 +36,7 @@ def measure(name, component, module, tests, cfg, env):
         for test in tests:
             rtl.run(module, env=env, testcase=test)
             with open(out) as f:
-                data = json.load(f)
-            rows.update(data if isinstance(data, dict) else {"array": data})
+                rows.update(json.load(f))
         return rows
 
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["simulators", "missing_reason", "RtlSim", "ROOT"]
+__all__ = ["missing_reason", "RtlSim", "ROOT"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "rtl"
@@ -48,12 +48,6 @@ def missing_reason(sim):
             return "Icarus Verilog (iverilog, vvp) is not installed"
         return None
     return f"unknown simulator {sim!r}"
-
-
-def simulators():
-    """The simulators the cocotb tests run on: Verilator always (skipped with a reason
-    when missing), Icarus only where installed."""
-    return ["verilator", "icarus"]
 
 
 class RtlSim:

@@ -10,8 +10,9 @@ import numpy as np
 from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge, Timer
 from cocotb.utils import get_sim_time
 
-from firmware.layers import (ConvDescriptor, LayoutError, plan_layer, plan_network, pack_activations,
-                             pack_biases, pack_weights, unpack_activations)
+from firmware.layers import (ConvDescriptor, LayoutError, from_words, pack_activations,
+                             pack_biases, pack_weights, plan_layer, plan_network, to_words,
+                             unpack_activations)
 from gateware.layer_engine import MEM_ACT, MEM_BIAS, MEM_LOGIT, MEM_WEIGHT, load_layout
 from sim.fixed_model import frozen_forward, layer_forward, quantize_input
 from sim.network import Layer
@@ -22,16 +23,6 @@ CFG = config_from_env()
 R, C = CFG.array_rows, CFG.array_cols
 PERIOD_NS = 10
 LOAD = load_layout(C, CFG.acc_bits)
-
-
-def words(arr, width):
-    out = []
-    for row in np.asarray(arr, np.int64):
-        w = 0
-        for j, v in enumerate(row):
-            w |= (int(v) & ((1 << width) - 1)) << (j * width)
-        out.append(w)
-    return out
 
 
 class Engine:
@@ -46,7 +37,7 @@ class Engine:
 
     async def load(self, mem, base, values, width):
         """One word per cycle through the load port (call at a falling edge)."""
-        for a, w in enumerate(words(values, width)):
+        for a, w in enumerate(to_words(values, width)):
             self.dut.load__valid.value = 1
             self.dut.load__payload.value = pack(LOAD, {"mem": mem, "addr": base + a, "data": w})
             await RisingEdge(self.dut.clk)
@@ -90,26 +81,21 @@ class Engine:
             self.dut.rd_addr.value = base + a
             await RisingEdge(self.dut.clk)
             await ReadOnly()
-            v = int(self.dut.rd_data.value)
-            got.append([((v >> (16 * j)) & 0xFFFF) - ((v >> (16 * j + 15)) & 1) * 65536 for j in range(C)])
+            got.append(int(self.dut.rd_data.value))
             await FallingEdge(self.dut.clk)
-        return unpack_activations(got, geometry, C)
+        return unpack_activations(from_words(got, C, 16), geometry, C)
 
 
 async def run_layer(eng, layer, x, w, b, shift, wide, geometry=None):
     """One standalone layer: load, run, read back. Returns (output, cycles)."""
     geometry = tuple(geometry or layer.in_shape)
-    probe = plan_layer(layer, geometry, CFG, shift=shift, wide=wide, in_base=0, out_base=0,
-                       w_base=0, b_base=0)
-    out_base = 0 if wide else CFG.act_words - probe.out_words
-    assert wide or probe.in_words + probe.out_words <= CFG.act_words, "input and output overlap"
-    plan = plan_layer(layer, geometry, CFG, shift=shift, wide=wide, in_base=0, out_base=out_base,
-                      w_base=0, b_base=0)
+    plan = plan_layer(layer, geometry, CFG, shift=shift, wide=wide)
     await eng.load(MEM_ACT, 0, pack_activations(x.reshape(geometry), C), 8)
     await eng.load(MEM_WEIGHT, 0, pack_weights(w, C), 8)
     await eng.load(MEM_BIAS, 0, pack_biases(b, C), CFG.acc_bits)
     cycles = await eng.run(plan.fields)
-    y = await eng.read(MEM_LOGIT if wide else MEM_ACT, out_base, plan.out_words, plan.out_geometry)
+    y = await eng.read(MEM_LOGIT if wide else MEM_ACT, plan.fields["out_base"], plan.out_words,
+                       plan.out_geometry)
     return y, cycles, plan
 
 
@@ -219,8 +205,7 @@ async def random_layers(dut):
         shift = int(rng.integers(0, 14))
         wide = bool(rng.integers(2))
         try:
-            plan_layer(layer, geometry, CFG, shift=shift, wide=wide, in_base=0, out_base=0,
-                       w_base=0, b_base=0)
+            plan_layer(layer, geometry, CFG, shift=shift, wide=wide)
         except LayoutError:
             wide = False          # more logits than the logit memory holds
         want = layer_forward(x.reshape((1,) + tuple(layer.in_shape)), layer, w, b, shift,

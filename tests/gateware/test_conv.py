@@ -7,8 +7,9 @@ import pytest
 from amaranth.sim import Simulator
 from numpy.testing import assert_array_equal
 
-from firmware.layers import (LayoutError, pack_activations, pack_biases, pack_weights,
-                             plan_layer, plan_network, unpack_activations)
+from firmware.layers import (LayoutError, from_words, pack_activations, pack_biases,
+                             pack_weights, plan_layer, plan_network, to_words,
+                             unpack_activations)
 from gateware.config import AccelConfig
 from gateware.layer_engine import MEM_ACT, MEM_BIAS, MEM_LOGIT, MEM_WEIGHT, LayerEngine
 from host.models import load_base_model
@@ -18,26 +19,17 @@ from sim.network import Layer
 from .harness import SIMULATORS, run_cocotb
 
 
-def _words(arr, width):
-    return [sum((int(v) & ((1 << width) - 1)) << (j * width) for j, v in enumerate(row))
-            for row in np.asarray(arr, np.int64)]
-
-
 def rtl_layer_amaranth(cfg, layer, x, w, b, shift, wide):
     """One layer through a LayerEngine in Amaranth's simulator; returns its output."""
     C = cfg.array_cols
-    out_words = plan_layer(layer, layer.in_shape, cfg, shift=shift, wide=wide, in_base=0,
-                           out_base=0, w_base=0, b_base=0).out_words
-    out_base = 0 if wide else cfg.act_words - out_words
-    plan = plan_layer(layer, layer.in_shape, cfg, shift=shift, wide=wide, in_base=0,
-                      out_base=out_base, w_base=0, b_base=0)
+    plan = plan_layer(layer, layer.in_shape, cfg, shift=shift, wide=wide)
     dut = LayerEngine(cfg)
     got = []
 
     async def bench(ctx):
-        loads = [(MEM_ACT, a, v) for a, v in enumerate(_words(pack_activations(x, C), 8))]
-        loads += [(MEM_WEIGHT, a, v) for a, v in enumerate(_words(pack_weights(w, C), 8))]
-        loads += [(MEM_BIAS, a, v) for a, v in enumerate(_words(pack_biases(b, C), 32))]
+        loads = [(MEM_ACT, a, v) for a, v in enumerate(to_words(pack_activations(x, C), 8))]
+        loads += [(MEM_WEIGHT, a, v) for a, v in enumerate(to_words(pack_weights(w, C), 8))]
+        loads += [(MEM_BIAS, a, v) for a, v in enumerate(to_words(pack_biases(b, C), 32))]
         for mem, addr, v in loads:
             ctx.set(dut.load.valid, 1)
             ctx.set(dut.load.payload, {"mem": mem, "addr": addr, "data": v})
@@ -50,16 +42,15 @@ def rtl_layer_amaranth(cfg, layer, x, w, b, shift, wide):
         await ctx.tick().until(~dut.busy)
         for a in range(plan.out_words):
             ctx.set(dut.rd_mem, MEM_LOGIT if wide else MEM_ACT)
-            ctx.set(dut.rd_addr, out_base + a)
+            ctx.set(dut.rd_addr, plan.fields["out_base"] + a)
             await ctx.tick()
-            v = ctx.get(dut.rd_data)
-            got.append([((v >> (16 * j)) & 0xFFFF) - ((v >> (16 * j + 15)) & 1) * 65536 for j in range(C)])
+            got.append(ctx.get(dut.rd_data))
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     sim.add_testbench(bench)
     sim.run()
-    return unpack_activations(got, plan.out_geometry, C)
+    return unpack_activations(from_words(got, C, 16), plan.out_geometry, C)
 
 
 @pytest.mark.parametrize("layer,shift,wide", [
@@ -96,16 +87,21 @@ def test_plan_refuses_what_the_unit_cannot_hold():
     cfg = AccelConfig(array_rows=3, array_cols=4)
     pooled = Layer("conv2d", (4, 4, 1), 2, (3, 3), 1, 1, True, 2)
     with pytest.raises(LayoutError, match="whole windows"):
-        plan_layer(pooled, (4, 4, 1), cfg, shift=1, wide=False, in_base=0, out_base=0, w_base=0, b_base=0)
+        plan_layer(pooled, (4, 4, 1), cfg, shift=1, wide=False)
     with pytest.raises(LayoutError, match="shift"):
-        plan_layer(Layer("fc", (1, 1, 4), 2), (1, 1, 4), AccelConfig(), shift=-1, wide=False,
-                   in_base=0, out_base=0, w_base=0, b_base=0)
+        plan_layer(Layer("fc", (1, 1, 4), 2), (1, 1, 4), AccelConfig(), shift=-1, wide=False)
     with pytest.raises(LayoutError, match="logits exceed"):
         plan_layer(Layer("conv2d", (4, 4, 1), 2, (3, 3), 1), (4, 4, 1), AccelConfig(), shift=1,
-                   wide=True, in_base=0, out_base=0, w_base=0, b_base=0)
+                   wide=True)
+    with pytest.raises(LayoutError, match="overlap"):
+        plan_layer(Layer("conv2d", (16, 16, 8), 8), (16, 16, 8), AccelConfig(act_words=384),
+                   shift=1, wide=False)
+    with pytest.raises(LayoutError, match="overlap"):
+        plan_layer(Layer("fc", (1, 1, 16), 8), (1, 1, 16), AccelConfig(), shift=1, wide=False,
+                   in_base=0, out_base=1)
     with pytest.raises(LayoutError, match="does not fit"):
         plan_layer(Layer("conv2d", (1, 300, 1), 2, (1, 3), 1), (1, 300, 1), AccelConfig(),
-                   shift=1, wide=False, in_base=0, out_base=0, w_base=0, b_base=0)
+                   shift=1, wide=False)
 
 
 @pytest.mark.parametrize("sim", SIMULATORS)
