@@ -32,15 +32,15 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
+from firmware.isa import H_SHIFT_BITS
+from firmware.isa import adapter_setup_layout as setup_layout
+
 from .config import DEFAULT, AccelConfig
 from .layouts import class_bits, loss_in_layout, loss_out_layout, sample_layout
 
 __all__ = ["AdapterDatapath", "setup_layout", "master_port", "lanes", "grad_bits",
            "H_SHIFT_BITS"]
 
-# Shift of h_l, s_x[l] + F_w - F_h, as a run-time parameter: any value in [-32, 31] is
-# computed exactly (left shifts beyond hidden_bits saturate any non-zero sum anyway).
-H_SHIFT_BITS = 6
 
 
 def lanes(cfg):
@@ -94,22 +94,6 @@ def _acc_bits(cfg):
     fu = _signed_bits(cfg.max_layers * cfg.max_rank * (1 << (cfg.hidden_bits - 1)) * w)  # 39
     fe = _signed_bits(cfg.max_classes * (1 << 15) * w)                            # 36
     return fa, max(fa, fu), fe
-
-
-def setup_layout(cfg):
-    """Run-time configuration, held constant while the unit is busy: ``n_layers``
-    (0..max_layers), ``rank`` r (1..max_rank), ``classes`` C (1..max_classes) and per
-    layer ``layers[l].size`` (``d_l``, 1..max_adapter_in) and ``layers[l].h_shift``
-    (``s_x[l] + F_w - F_h``, signed)."""
-    return data.StructLayout({
-        "n_layers": unsigned(bits_for(cfg.max_layers)),
-        "rank": unsigned(bits_for(cfg.max_rank)),
-        "classes": unsigned(bits_for(cfg.max_classes)),
-        "layers": data.ArrayLayout(data.StructLayout({
-            "size": unsigned(bits_for(cfg.max_adapter_in)),
-            "h_shift": signed(H_SHIFT_BITS),
-        }), cfg.max_layers),
-    })
 
 
 class _Op(enum.Enum, shape=3):

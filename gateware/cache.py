@@ -111,6 +111,9 @@ from amaranth.lib.memory import Memory, MemoryData
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
+from firmware.isa import cache_layer_layout as layer_layout
+from firmware.isa import cache_setup_layout as setup_layout
+
 from .layouts import fill_layout, index_bits, read_layout, request_layout
 
 __all__ = ["ActivationCache", "ByteBank", "setup_layout",
@@ -139,23 +142,6 @@ def _segments(depth):
 def dp16kd_count(cfg):
     """DP16KD blocks of the line RAM (two banks), the valid bits not included."""
     return 2 * sum(-(-d // DP16KD_BYTES) for d in _segments(_bank_bytes(cfg)))
-
-
-def layer_layout(cfg):
-    return data.StructLayout({
-        "size":   unsigned(bits_for(cfg.cache_act_words)),
-        "shift":  unsigned(3),
-        "signed": unsigned(1),
-    })
-
-
-def setup_layout(cfg):
-    return data.StructLayout({
-        "bits4":    unsigned(1),
-        "classes":  unsigned(bits_for(cfg.max_classes)),
-        "n_layers": unsigned(bits_for(cfg.max_layers)),
-        "layers":   data.ArrayLayout(layer_layout(cfg), cfg.max_layers),
-    })
 
 
 def _mul_const(value, k):

@@ -28,6 +28,7 @@ class AccelConfig:
     max_samples: int = 1024            # labels memory / per-sample bookkeeping
     adapter_words: int = 4096          # int32 master weights of all adapters
     act_words: int = 512               # activation buffer, words of array_cols int8 lanes
+    program_words: int = 1024          # sequencer program: instructions and data words
 
     # Activation cache: capacity in samples and activations per sample. The width (8
     # bits, or 4 bits packed two per byte) is a mode chosen per run by the schedule.

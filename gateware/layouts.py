@@ -8,6 +8,8 @@ from amaranth import signed, unsigned
 from amaranth.utils import bits_for, ceil_log2
 from amaranth.lib import data
 
+from firmware.isa import FSHIFT_BITS
+
 __all__ = ["feed_layout", "result_layout", "conv_out_layout", "class_bits", "loss_in_layout",
            "loss_out_layout", "index_bits", "fill_layout", "request_layout", "read_layout",
            "sample_layout", "DW_BITS", "FSHIFT_BITS", "update_in_layout", "update_out_layout"]
@@ -131,9 +133,6 @@ def sample_layout(cfg):
 # |dA_l| by 2^30 (32 bits signed) and |dB_l| by 2^37 (39 bits signed) for every schedule
 # check_limits admits; 48 bits leave 9 bits of headroom for larger limits.
 DW_BITS = 48
-# f_d - F_n, the gradient's shift to F_n: -1 .. 2 (A_l) and 8 (B_l) for the shipped digits
-# and fan models. Any value in [-32, 31] is computed exactly.
-FSHIFT_BITS = 6
 
 
 def update_in_layout(cfg):

@@ -14,9 +14,11 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-from .adapter import AdapterDatapath, master_port, setup_layout
+from firmware.isa import FSHIFT_BITS, lora_setup_layout
+
+from .adapter import AdapterDatapath, master_port
 from .config import DEFAULT, AccelConfig
-from .layouts import FSHIFT_BITS, class_bits, sample_layout
+from .layouts import class_bits, sample_layout
 from .loss import LossUnit
 from .update import EXP_BITS, LATENCY, LFSR_BITS, UpdateUnit
 
@@ -24,20 +26,6 @@ __all__ = ["LoraEngine", "lora_setup_layout", "COUNTER_BITS"]
 
 # Width of the sample, correct-prediction and cycle counters.
 COUNTER_BITS = 32
-
-
-def lora_setup_layout(cfg):
-    """Run-time configuration of the engine: ``adapter`` (`gateware.adapter.setup_layout`:
-    layers, sizes, rank, classes, ``h`` shifts) and per layer ``fshift[l].a`` and
-    ``fshift[l].b``, the shift ``f_d - F_n`` of the batch-summed gradient into the update
-    (``f_d = s_x[l] + F_e`` for ``dA_l``, ``F_h + F_g`` for ``dB_l``)."""
-    return data.StructLayout({
-        "adapter": setup_layout(cfg),
-        "fshift": data.ArrayLayout(data.StructLayout({
-            "a": signed(FSHIFT_BITS),
-            "b": signed(FSHIFT_BITS),
-        }), cfg.max_layers),
-    })
 
 
 class LoraEngine(wiring.Component):

@@ -23,17 +23,15 @@ from amaranth import C, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from firmware.isa import EXP_BITS, LFSR_BITS
+
 from .config import DEFAULT, AccelConfig
 from .layouts import DW_BITS, FSHIFT_BITS, update_in_layout, update_out_layout
 
 __all__ = ["UpdateUnit", "EXP_BITS", "G_BITS", "LFSR_BITS", "LATENCY"]
 
-# Learning-rate exponent: lr = mant * 2^-exp. check_limits keeps exp in [11, 29]; 7 bits
-# also hold lr_mantissa(1e-5), exp = 32.
-EXP_BITS = 7
-# The aligned gradient g (int32) and the LFSR state.
+# The aligned gradient g (int32).
 G_BITS = 32
-LFSR_BITS = 32
 # Clock edges from the acceptance of a beat to its output register (UpdateUnit docstring).
 LATENCY = 15
 
