@@ -23,12 +23,13 @@ __all__ = ["Opcode", "Phase", "Cond", "Reg", "Error", "Instruction", "ARGS", "Is
            "adapter_setup_layout", "lora_setup_layout", "cache_layer_layout",
            "cache_setup_layout", "gather_layout", "lr_layout", "register_layout",
            "layout_words", "pack", "unpack", "H_SHIFT_BITS", "FSHIFT_BITS", "EXP_BITS",
-           "LFSR_BITS", "COUNT_BITS", "CONV_WORDS"]
+           "LFSR_BITS", "COUNT_BITS", "LOOP_DEPTH", "CONV_WORDS"]
 
 WORD_BITS = 32
 OP_BITS = 5
 ARG_BITS = WORD_BITS - OP_BITS
 COUNT_BITS = 16                 # loop counts, sample indices and program addresses
+LOOP_DEPTH = 4                  # nested LOOPs
 
 # Shift of h_l, s_x[l] + F_w - F_h: any value in [-32, 31] is computed exactly.
 H_SHIFT_BITS = 6
