@@ -104,7 +104,7 @@ after routing (two runs), limited by the DP16KD clock-to-out (5.8 ns; yosys does
 infer its output register) plus the route to the segment register.
 """
 
-from amaranth.hdl import C, Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import C, Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory, MemoryData
@@ -117,7 +117,7 @@ from firmware.isa import cache_setup_layout as setup_layout
 from .layouts import fill_layout, index_bits, read_layout, request_layout
 
 __all__ = ["ActivationCache", "ByteBank", "setup_layout",
-           "line_stride", "dp16kd_count"]
+           "line_stride", "dp16kd_count", "four_bit_code"]
 
 READ_FIFO_DEPTH = 5            # in flight: issue, RAM, segment register; 1 beat/cycle
 SEGMENT_BYTES = 16384          # eight DP16KD in 16384 x 1 mode
@@ -279,29 +279,27 @@ class _Walker:
                 m.d.sync += self.done.eq(1)
 
 
-def _codes4(m, x, shift, sgn):
-    """4-bit code of the int8 ``x``: clip(rshift_round(x, shift), lo, hi) & 0xF, with
-    (lo, hi) = (-8, 7) if ``sgn`` else (0, 15). The clip tests bits, not magnitudes."""
-    half = Signal(unsigned(8))
-    m.d.comb += half.eq((C(1, 9) << shift) >> 1)           # 2**(shift-1), 0 for shift 0
-    q = Signal(signed(10))
-    m.d.comb += q.eq((x + half) >> shift)                    # arithmetic: x is signed
+def four_bit_code(x, shift, is_signed):
+    """4-bit cache code of the int8 value ``x``: clip(rshift_round(x, shift), lo, hi) & 0xF,
+    with (lo, hi) = (-8, 7) if ``is_signed`` else (0, 15) (``sim.fixed_model.codes4``).
+    An unsigned(4) expression, no registers; the cache's fill and the gather unit's
+    4-bit format both use it. The clip tests bits, not magnitudes."""
+    half = ((C(1, 9) << shift) >> 1)[:8]                    # 2**(shift-1), 0 for shift 0
+    q = ((x + half) >> shift)[:10].as_signed()              # arithmetic: x is signed
     neg = q[-1]
+    code_signed = Mux(~neg & q[3:].any(), 0b0111,           # above 7
+                      Mux(neg & ~q[3:].all(), 0b1000,       # below -8
+                          q[:4]))
+    code_unsigned = Mux(neg, 0,                             # below 0
+                        Mux(q[4:].any(), 0b1111,            # above 15
+                            q[:4]))
+    return Mux(is_signed, code_signed, code_unsigned)[:4]
+
+
+def _codes4(m, x, shift, sgn):
+    """`four_bit_code` as a named combinational signal of ``m``."""
     code = Signal(4)
-    with m.If(sgn):
-        with m.If(~neg & q[3:].any()):
-            m.d.comb += code.eq(0b0111)                      # above 7
-        with m.Elif(neg & ~q[3:].all()):
-            m.d.comb += code.eq(0b1000)                      # below -8
-        with m.Else():
-            m.d.comb += code.eq(q[:4])
-    with m.Else():
-        with m.If(neg):
-            m.d.comb += code.eq(0)                           # below 0
-        with m.Elif(q[4:].any()):
-            m.d.comb += code.eq(0b1111)                      # above 15
-        with m.Else():
-            m.d.comb += code.eq(q[:4])
+    m.d.comb += code.eq(four_bit_code(x, shift, sgn))
     return code
 
 
