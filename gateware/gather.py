@@ -1,0 +1,359 @@
+"""Gather unit: moves samples into the layer engine's activation buffer (MOVE) and the
+adapter inputs and base logits out of it (GATHER), for the sequencer.
+
+Ref: docs/isa.md, MOVE and GATHER; ``firmware.isa.gather_layout`` (where each layer's
+input sits) and ``firmware.layers.pack_activations`` (the buffer's layout: channels-last,
+each pixel padded to ``groups`` words of C int8 lanes). The 4-bit format is the cache's
+(`gateware.cache.four_bit_code`), so that a sample reaches the adapters in the same
+format whether it comes from the cache or from the frozen network.
+"""
+
+from amaranth.hdl import Module, Mux, Signal, signed
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
+
+from firmware.isa import cache_setup_layout, gather_layout
+from firmware.layers import ADDR_BITS
+
+from .cache import four_bit_code
+from .layer_engine import MEM_ACT, MEM_LOGIT, load_layout
+from .layouts import class_bits, fill_layout, index_bits, sample_layout
+
+__all__ = ["GatherUnit", "sample_byte_bits"]
+
+# Entries of the beat FIFO: the beats in the read pipeline (RAM, lane register) and the
+# one leaving are all counted against it, so 4 keeps one beat per cycle.
+READ_FIFO_DEPTH = 4
+SAMPLE_WORD_BYTES = 4           # the sample memory: 32-bit words, little end first
+
+# A FIFO entry: the element raw (for ``fill``) and in the cache's format (for ``lora``).
+_BEAT = data.StructLayout({"raw": signed(16), "lora": signed(16), "first": 1, "last": 1})
+
+
+def sample_byte_bits(cfg):
+    """Width of a byte address of the sample memory (``sample_words`` bytes)."""
+    return max(2, ceil_log2(cfg.sample_words))
+
+
+class _RegionWalk:
+    """The words of one layer's region of the activation buffer, pixel by pixel, each
+    pixel's ``groups`` words in order: the word address, the word's group in its pixel
+    and the pixels left. Registers in ``sync``; `start` and `next_word` add statements
+    under the caller's condition. ``entry`` is a ``gather_layout`` layer entry."""
+
+    def __init__(self, cfg):
+        shapes = gather_layout(cfg).members["layers"].elem_shape.members
+        self.cols = cfg.array_cols
+        self.addr = Signal(ADDR_BITS)
+        self.group = Signal(shapes["groups"])
+        self.left = Signal(shapes["pixels"])
+
+    def last_group(self, entry):
+        return self.group + 1 == entry.groups
+
+    def last_word(self, entry):
+        return self.last_group(entry) & (self.left == 1)
+
+    def lanes(self, entry):
+        """Valid lanes of the current word: ``tail`` for a pixel's last word, else C."""
+        return Mux(self.last_group(entry), entry.tail, self.cols)
+
+    def start(self, m, entry):
+        m.d.sync += [self.addr.eq(entry.base), self.group.eq(0), self.left.eq(entry.pixels)]
+
+    def next_word(self, m, entry):
+        m.d.sync += self.addr.eq(self.addr + 1)
+        with m.If(self.last_group(entry)):
+            m.d.sync += [self.group.eq(0), self.left.eq(self.left - 1)]
+        with m.Else():
+            m.d.sync += self.group.eq(self.group + 1)
+
+
+class GatherUnit(wiring.Component):
+    """MOVE (a sample into layer 0's input) and GATHER (the adapter inputs and base logits
+    out to the LoRA engine and/or the activation cache).
+
+    Parameters
+    ----------
+    cfg : AccelConfig
+        ``array_cols`` (C, lanes per activation word), ``max_layers``, ``max_classes``,
+        ``max_adapter_in`` (the setup layouts), ``sample_words`` (bytes of the sample
+        memory), ``max_samples`` and ``cache_samples`` (the index width); ``logit_bits``
+        must be 16 (the layer engine's read lanes).
+
+    Members
+    -------
+    setup : In(``firmware.isa.gather_layout(cfg)``)
+        Register GATHER: ``n_layers``, ``classes`` and per layer ``base``, ``pixels``,
+        ``groups`` and ``tail``. Held constant while ``busy``. The caller guarantees
+        ``classes >= 1`` and, for every layer used, ``pixels >= 1``, ``groups >= 1`` and
+        ``1 <= tail <= C``.
+    fmt : In(``firmware.isa.cache_setup_layout(cfg)``)
+        Register CACHE: ``bits4`` and per layer ``shift`` and ``signed`` format what goes
+        to ``lora``; its ``n_layers``, ``classes`` and sizes are not read. Held while ``busy``.
+    move : In(1),  src : In(:func:`sample_byte_bits`)
+        MOVE strobe; ``src`` (sampled with it) is the byte address of the sample, whose
+        ``d_0 = pixels_0 * ((groups_0 - 1) * C + tail_0)`` bytes are stored compactly in
+        the (i, j, c) order.
+    smp_addr : Out(sample_byte_bits - 2),  smp_data : In(32)
+        Read port of the sample memory (32-bit words, byte ``a`` in bits ``8 * (a % 4)``
+        up of word ``a // 4``): ``smp_data`` is the word at the ``smp_addr`` of the
+        previous cycle. Read every cycle, no enable.
+    load : Out(stream.Signature(``gateware.layer_engine.load_layout(C, acc_bits)``))
+        MOVE's writes: ``mem`` = MEM_ACT, pixel ``p``'s word ``g`` at ``base_0 + p *
+        groups_0 + g``, lanes past ``tail_0`` in a pixel's last word zero. The layer
+        engine is always ready; a stalled ``load`` stalls the move.
+    gather : In(1),  to_lora : In(1),  to_fill : In(1),  index : In(index_bits),
+    label : In(class_bits)
+        GATHER strobe; the destinations, the sample's cache line and its true class are
+        sampled with it.
+    rd_mem : Out(2),  rd_addr : Out(16),  rd_data : In(16 * C)
+        The layer engine's read port: ``rd_data`` holds the lanes of the word at
+        (``rd_mem``, ``rd_addr``) of the previous cycle (int8 sign-extended for MEM_ACT,
+        int16 for MEM_LOGIT). Valid only while the engine is idle, which the sequencer
+        guarantees during a GATHER.
+    lora : Out(stream.Signature(``gateware.layouts.sample_layout(cfg)``))
+        One packet per GATHER with ``to_lora``: ``x_0 .. x_{n_layers-1}`` (each pixel by
+        pixel, each pixel's words in order, the valid lanes of each word in lane order:
+        the golden (i, j, c) flattening), then ``classes`` base logits from logit words 0,
+        1, ... in lane order. Activations in the cache's format: unchanged if ``bits4`` =
+        0, else ``four_bit_code(x, shift_l, signed_l) << shift_l`` (the code
+        sign-extended for a signed layer); logits unchanged. ``label`` on every beat,
+        ``first``/``last`` frame the packet.
+    fill : Out(stream.Signature(``gateware.layouts.fill_layout(cfg)``))
+        One packet per GATHER with ``to_fill``: the same elements raw (int8 activations,
+        int16 logits), ``index`` on every beat, ``first``/``last``: the cache's fill.
+    busy : Out(1)
+        From the cycle after an accepted strobe until the move's last word is written
+        (taken by ``load``) or the gather's last beat is taken by every chosen
+        destination. A strobe while ``busy`` is ignored; ``move`` wins over a ``gather``
+        in the same cycle.
+
+    Timing
+    ------
+    - MOVE: the sample is read from the cycle of the strobe on (the strobe's ``src``
+      addresses its first word), one sample-memory word per cycle at the most: each
+      cycle takes the bytes of the current sample word that belong to the current
+      activation word (up to 4, fewer at the end of either), and the activation word is
+      on ``load`` in the cycle after its last byte was taken. ``busy`` falls ``T + 2``
+      cycles after the strobe, ``T`` the sum over the activation words of the sample
+      words each one's bytes lie in: ``d_0 + 2`` for one lane per word (one byte per
+      cycle), ``2 * pixels * groups + 2`` for whole words of C = 8 from a 4-aligned
+      ``src``, ``3 * pixels * groups + 2`` from any other.
+    - GATHER: one element per cycle at full rate. An element's word is read in the cycle
+      it is issued, its lane registered the next, and it enters the 4-entry beat FIFO
+      (formatted) the cycle after; the first beat is on ``lora``/``fill`` 4 cycles after
+      the strobe and ``busy`` falls the cycle after the last beat is taken: ``n + classes
+      + 4`` cycles from the strobe with ``n = sum_l d_l`` (digits: 288 + 10 elements,
+      302 cycles). Elements are issued on credit (FIFO level plus the two pipeline stages
+      below its depth), so a stalled destination stalls the reads without a
+      combinational path from ``ready`` to the read port, and no element is lost. A beat
+      leaves the FIFO when every chosen destination has taken it; each destination's
+      ``valid`` falls once it has (a per-destination taken bit), independently of the
+      other's ``ready``.
+
+    Measured (tests/gateware/test_gather.py, on the layer engine, default configuration):
+    digits MOVE of 64 bytes, words on ``load`` 2 .. 65 cycles after the strobe, ``busy``
+    low from cycle 66; digits GATHER of 288 activations + 10 logits to both destinations,
+    beats 4 .. 301 cycles after the strobe, ``busy`` low from cycle 302. The fan model's
+    input (1, 1, 256): 66 cycles from a 4-aligned ``src``, 98 from another.
+    """
+
+    def __init__(self, cfg):
+        if cfg.logit_bits != 16:
+            raise ValueError(f"the layer engine reads int16 lanes; logit_bits is {cfg.logit_bits}")
+        self._cfg = cfg
+        C = cfg.array_cols
+        byte_bits = sample_byte_bits(cfg)
+        super().__init__({
+            "setup":    In(gather_layout(cfg)),
+            "fmt":      In(cache_setup_layout(cfg)),
+            "move":     In(1),
+            "src":      In(byte_bits),
+            "smp_addr": Out(byte_bits - 2),
+            "smp_data": In(8 * SAMPLE_WORD_BYTES),
+            "load":     Out(stream.Signature(load_layout(C, cfg.acc_bits))),
+            "gather":   In(1),
+            "to_lora":  In(1),
+            "to_fill":  In(1),
+            "index":    In(index_bits(cfg)),
+            "label":    In(class_bits(cfg)),
+            "rd_mem":   Out(2),
+            "rd_addr":  Out(ADDR_BITS),
+            "rd_data":  In(16 * C),
+            "lora":     Out(stream.Signature(sample_layout(cfg))),
+            "fill":     Out(stream.Signature(fill_layout(cfg))),
+            "busy":     Out(1),
+        })
+
+    def elaborate(self, platform):
+        cfg = self._cfg
+        C = cfg.array_cols
+        m = Module()
+        setup, fmt = self.setup, self.fmt
+
+        # One walk and one lane counter serve both operations: they never overlap.
+        walk = _RegionWalk(cfg)
+        lane = Signal(range(C))
+
+        moving = Signal()
+        gathering = Signal()
+        in_flight = Signal()            # GATHER beats in the read pipeline or the FIFO
+        m.d.comb += self.busy.eq(moving | self.load.valid | gathering | in_flight)
+
+        # ------------------------------------------------------------ MOVE
+        entry0 = setup.layers[0]
+        byte_addr = Signal(len(self.src))
+        word = Signal(8 * C)            # the activation word's lanes taken so far
+        off = byte_addr[:2]
+        need = walk.lanes(entry0) - lane                        # 1 .. C
+        avail = SAMPLE_WORD_BYTES - off                         # 1 .. 4
+        word_end = need <= avail
+        take = Mux(word_end, need, avail)
+        # Lane i of the word takes byte (i - lane + off) of the sample word when it is
+        # one of the ``take`` lanes from ``lane`` on.
+        merged = Signal(8 * C)
+        for i in range(C):
+            taken = (i >= lane) & (i < lane + take)
+            byte = self.smp_data.word_select((i - lane + off)[:2], 8)
+            m.d.comb += merged.word_select(i, 8).eq(Mux(taken, byte, word.word_select(i, 8)))
+
+        step = moving & (~self.load.valid | self.load.ready)
+        next_addr = Mux(step, byte_addr + take, byte_addr)
+        # The sample word of the next cycle's byte is addressed now (1-cycle read); idle,
+        # the strobe's ``src`` is, so that the first word is there in the first cycle.
+        m.d.comb += self.smp_addr.eq(Mux(moving, next_addr, self.src)[2:])
+
+        with m.If(self.load.ready):
+            m.d.sync += self.load.valid.eq(0)
+        with m.If(step):
+            m.d.sync += byte_addr.eq(next_addr)
+            with m.If(word_end):
+                m.d.sync += [
+                    self.load.valid.eq(1),
+                    self.load.payload.mem.eq(MEM_ACT),
+                    self.load.payload.addr.eq(walk.addr),
+                    self.load.payload.data.eq(merged),
+                    word.eq(0),         # the lanes past the tail stay zero
+                    lane.eq(0),
+                ]
+                walk.next_word(m, entry0)
+                with m.If(walk.last_word(entry0)):
+                    m.d.sync += moving.eq(0)
+            with m.Else():
+                m.d.sync += [word.eq(merged), lane.eq(lane + take)]
+
+        # ------------------------------------------------------------ GATHER: issue
+        layer = Signal(range(cfg.max_layers))
+        logit = Signal()                # issuing logits (after the last layer)
+        cls_left = Signal(range(cfg.max_classes + 1))
+        first = Signal()
+        sel = Signal(data.StructLayout({"lora": 1, "fill": 1}))
+        index = Signal.like(self.index)
+        label = Signal.like(self.label)
+
+        m.submodules.fifo = fifo = SyncFIFO(width=_BEAT.size, depth=READ_FIFO_DEPTH)
+        meta = data.StructLayout({"lane": range(C), "logit": 1, "shift": 3, "signed": 1,
+                                  "first": 1, "last": 1})
+        s1, s1_valid = Signal(meta), Signal()           # the word is on rd_data
+        s2, s2_valid = Signal(meta), Signal()           # its lane is registered
+        s2_value = Signal(signed(16))
+        m.d.comb += in_flight.eq(s1_valid | s2_valid | fifo.r_rdy)
+        credit = fifo.level + s1_valid + s2_valid < READ_FIFO_DEPTH
+
+        entry = setup.layers[layer]
+        final = logit & (cls_left == 1)
+        issue = gathering & credit
+        m.d.comb += [self.rd_addr.eq(walk.addr), self.rd_mem.eq(Mux(logit, MEM_LOGIT, MEM_ACT))]
+        m.d.sync += [
+            s1_valid.eq(issue),
+            s1.lane.eq(lane),
+            s1.logit.eq(logit),
+            s1.shift.eq(fmt.layers[layer].shift),
+            s1.signed.eq(fmt.layers[layer].signed),
+            s1.first.eq(first),
+            s1.last.eq(final),
+        ]
+        with m.If(issue):
+            m.d.sync += first.eq(0)
+            with m.If(logit):
+                m.d.sync += cls_left.eq(cls_left - 1)
+                with m.If(lane == C - 1):
+                    m.d.sync += [lane.eq(0), walk.addr.eq(walk.addr + 1)]
+                with m.Else():
+                    m.d.sync += lane.eq(lane + 1)
+                with m.If(final):
+                    m.d.sync += gathering.eq(0)
+            with m.Elif(lane + 1 == walk.lanes(entry)):
+                m.d.sync += lane.eq(0)
+                walk.next_word(m, entry)
+                with m.If(walk.last_word(entry)):
+                    with m.If(layer + 1 == setup.n_layers):
+                        m.d.sync += [logit.eq(1), walk.addr.eq(0)]
+                    with m.Else():
+                        m.d.sync += layer.eq(layer + 1)
+                        walk.start(m, setup.layers[layer + 1])
+            with m.Else():
+                m.d.sync += lane.eq(lane + 1)
+
+        # ------------------------------------------------------------ strobes
+        with m.If(~self.busy):
+            with m.If(self.move):
+                m.d.sync += [moving.eq(1), byte_addr.eq(self.src), word.eq(0), lane.eq(0)]
+                walk.start(m, entry0)
+            with m.Elif(self.gather):
+                m.d.sync += [
+                    gathering.eq(1), layer.eq(0), lane.eq(0), first.eq(1),
+                    logit.eq(setup.n_layers == 0), cls_left.eq(setup.classes),
+                    sel.lora.eq(self.to_lora), sel.fill.eq(self.to_fill),
+                    index.eq(self.index), label.eq(self.label),
+                ]
+                walk.start(m, entry0)
+                with m.If(setup.n_layers == 0):
+                    m.d.sync += walk.addr.eq(0)
+
+        # ------------------------------------------------------------ GATHER: format
+        # Stage 1 registers the element's lane (the RAM output goes straight into a
+        # register); stage 2 formats it into the FIFO.
+        m.d.sync += [s2_valid.eq(s1_valid), s2.eq(s1),
+                     s2_value.eq(self.rd_data.word_select(s1.lane, 16).as_signed())]
+        code = four_bit_code(s2_value[:8].as_signed(), s2.shift, s2.signed)
+        value4 = Mux(s2.signed, code.as_signed(), code) << s2.shift
+        beat = Signal(_BEAT)
+        m.d.comb += [
+            beat.raw.eq(s2_value),
+            beat.lora.eq(Mux(fmt.bits4 & ~s2.logit, value4, s2_value)),
+            beat.first.eq(s2.first),
+            beat.last.eq(s2.last),
+            fifo.w_data.eq(beat),
+            fifo.w_en.eq(s2_valid),
+        ]
+
+        # ------------------------------------------------------------ GATHER: deliver
+        head = data.View(_BEAT, fifo.r_data)
+        took = Signal(data.StructLayout({"lora": 1, "fill": 1}))   # this beat, already
+        m.d.comb += [
+            self.lora.valid.eq(fifo.r_rdy & sel.lora & ~took.lora),
+            self.lora.payload.data.eq(head.lora),
+            self.lora.payload.label.eq(label),
+            self.lora.payload.first.eq(head.first),
+            self.lora.payload.last.eq(head.last),
+            self.fill.valid.eq(fifo.r_rdy & sel.fill & ~took.fill),
+            self.fill.payload.data.eq(head.raw),
+            self.fill.payload.index.eq(index),
+            self.fill.payload.first.eq(head.first),
+            self.fill.payload.last.eq(head.last),
+        ]
+        done = [~sel[d] | took[d] | getattr(self, d).ready for d in ("lora", "fill")]
+        retire = fifo.r_rdy & done[0] & done[1]
+        m.d.comb += fifo.r_en.eq(retire)
+        with m.If(retire):
+            m.d.sync += took.eq(0)
+        with m.Else():
+            for d in ("lora", "fill"):
+                port = getattr(self, d)
+                with m.If(port.valid & port.ready):
+                    m.d.sync += took[d].eq(1)
+        return m
