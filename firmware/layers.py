@@ -162,16 +162,22 @@ def _check_fits(fields):
                 raise LayoutError(f"layer field {name} = {v} does not fit the conv unit ({lo}..{hi})")
 
 
-def plan_network(model, cfg):
+def plan_network(model, cfg, stack=False):
     """Plans of every layer of a QuantModel: weights and biases packed one after another,
-    activations ping-ponging between the bottom and the top of the buffer."""
+    activations ping-ponging between the bottom and the top of the buffer, or with
+    ``stack`` kept for the whole sample (what the adapters gather): layer 0's input at
+    word 0, each layer's output just past its input."""
     plans = []
     geometry = tuple(model.layers[0].in_shape)
     w_base = b_base = in_base = 0
     for l, layer in enumerate(model.layers):
         last = l == len(model.layers) - 1
-        # a layer reads where the previous one wrote and writes at the other end
-        out_base = None if in_base == 0 else 0
+        if stack:
+            h, w, c = geometry
+            out_base = in_base + h * w * math.ceil(c / cfg.array_cols)
+        else:
+            # a layer reads where the previous one wrote and writes at the other end
+            out_base = None if in_base == 0 else 0
         try:
             plan = plan_layer(layer, geometry, cfg, shift=model.shifts[l], wide=last,
                               in_base=in_base, out_base=None if last else out_base,
