@@ -81,7 +81,7 @@ class ConvUnit(wiring.Component):
         # ------------------------------------------------------------------ control
         feeding = Signal()
         draining = Signal()
-        finished = Signal()                         # the output side took the last word
+        finished = Signal()                         # the last output word and array row are taken
         m.d.comb += self.busy.eq(feeding | draining)
         begin = self.start & ~self.busy
         with m.If(begin):
@@ -273,5 +273,18 @@ class ConvUnit(wiring.Component):
                     m.d.sync += [pool_max[j].eq(best), self.o.payload.data[j].eq(best)]
                 m.d.sync += [self.o.payload.addr.eq(s2_addr), self.o.payload.last.eq(s2_last)]
 
-        m.d.comb += finished.eq(self.o.valid & self.o.ready & self.o.payload.last)
+        # The last output word can leave before the array's last rows: a final tile with
+        # fewer pixels than rows still sends R rows, which must not spill into the next
+        # layer. The layer ends when both have happened, in either order.
+        last_word = self.o.valid & self.o.ready & self.o.payload.last
+        last_row = take & (o_group == d.g_out - 1) & (o_slot == d.tiles * R - 1)
+        word_seen, row_seen = Signal(), Signal()
+        with m.If(begin):
+            m.d.sync += [word_seen.eq(0), row_seen.eq(0)]
+        with m.Else():
+            with m.If(last_word):
+                m.d.sync += word_seen.eq(1)
+            with m.If(last_row):
+                m.d.sync += row_seen.eq(1)
+        m.d.comb += finished.eq(draining & (word_seen | last_word) & (row_seen | last_row))
         return m
