@@ -156,7 +156,11 @@ def encode(op, **fields):
                 except KeyError:
                     raise IsaError(f"{op.name}: {name} {value!r} is not one of "
                                    f"{', '.join(m.name.lower() for m in shape)}") from None
-            value = shape(value).value
+            try:
+                value = shape(value).value
+            except ValueError:
+                raise IsaError(f"{op.name}: {name} {value!r} is not one of "
+                               f"{', '.join(m.name.lower() for m in shape)}") from None
             width = shape.as_shape().width
         else:
             width = shape.width
