@@ -24,7 +24,7 @@ class AccelConfig:
     # Memory depths, in entries of the natural width of each memory.
     weight_words: int = 32768          # int8 frozen weights (fan needs 21k with padding)
     bias_words: int = 512              # int32 frozen biases
-    sample_words: int = 65536          # int8 input samples
+    sample_words: int = 131072         # int8 input samples, bytes (fan: 423 x 256 = 108 KB)
     max_samples: int = 1024            # labels memory / per-sample bookkeeping
     adapter_words: int = 4096          # int32 master weights of all adapters
     act_words: int = 512               # activation buffer, words of array_cols int8 lanes
