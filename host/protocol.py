@@ -1,0 +1,359 @@
+"""The host link's UART protocol (docs/protocol.md): frames, CRC, requests, responses,
+and the device's side as a pure function of a host port.
+
+    0xA5 | cmd | seq | len_lo | len_hi | payload | crc_lo | crc_hi
+
+- `crc16` is CRC-16/CCITT-FALSE over ``cmd .. payload``; `encode_frame` builds a frame,
+  `FrameParser` finds frames in a byte stream (hunting for 0xA5, dropping frames with a
+  bad CRC or a length above `MAX_PAYLOAD`, and counting what it dropped).
+- `identify`, `write`, `read`, `start`, `status`, `abort` build requests;
+  `response_payload` checks a response against its request (an error response raises
+  `ProtocolError` with its `ErrorCode`) and `parse_identify`, `parse_read`,
+  `parse_status` decode the payloads.
+- `serve(frame, port)` is the device: it answers one request frame from a host port
+  (``read(address)``, ``write(address, word)``, ``running``) with the response bytes, or
+  None for a frame the device drops. The `model` device serves exactly these bytes; the
+  gateware (`gateware/link.py`) serves the same.
+"""
+
+import binascii
+import dataclasses
+import enum
+import struct
+
+from firmware.memmap import OFFSET_BITS, PORT_ADDR_BITS, Control, Region, Regs
+
+__all__ = ["SYNC", "MAX_PAYLOAD", "MAX_WORDS", "WATCHDOG_BYTES", "HEADER_BYTES", "OVERHEAD_BYTES",
+           "Command", "ERROR_CMD", "RESPONSE", "ErrorCode", "ProtocolError", "LinkError", "Frame",
+           "crc16", "encode_frame", "decode_frame", "FrameParser",
+           "identify", "write", "read", "start", "status", "abort", "error_response",
+           "response_payload", "parse_identify", "parse_read", "parse_status", "Identity",
+           "StatusWords", "STATUS_REGS", "IDENTIFY_REGS", "serve"]
+
+SYNC = 0xA5
+MAX_PAYLOAD = 1028              # WRITE: address + 256 words
+MAX_WORDS = 256                 # words of one WRITE or READ
+WATCHDOG_BYTES = 64             # a frame that stops arriving this many byte times is dropped
+HEADER_BYTES = 5                # sync, cmd, seq, len
+OVERHEAD_BYTES = HEADER_BYTES + 2
+RESPONSE = 0x80                 # a response's cmd is the request's | RESPONSE
+ERROR_CMD = 0xFF                # ... or this, for an error response
+_ADDR_MASK = (1 << PORT_ADDR_BITS) - 1
+_WORD_MASK = 0xFFFFFFFF
+
+
+class Command(enum.IntEnum):
+    IDENTIFY = 0x01
+    WRITE = 0x02
+    READ = 0x03
+    START = 0x04
+    STATUS = 0x05
+    ABORT = 0x06
+
+
+class ErrorCode(enum.IntEnum):
+    UNKNOWN_COMMAND = 1
+    BAD_LENGTH = 2              # a bad length for the command, or a word count outside 1..256
+    RUNNING = 3                 # running: only IDENTIFY, READ of REGS, STATUS, ABORT are served
+    START_WHILE_RUNNING = 4
+
+
+IDENTIFY_REGS = (Regs.ID, Regs.CONFIG_HASH, Regs.GEOMETRY)
+STATUS_REGS = (Regs.STATUS, Regs.PC, Regs.INDEX, Regs.UPDATES, Regs.CYCLES, Regs.CYCLES_FROZEN,
+               Regs.CYCLES_CACHED, Regs.CYCLES_INFER)
+
+
+class LinkError(Exception):
+    """The link misbehaved: no response in time, or one that does not answer the request."""
+
+
+class ProtocolError(LinkError):
+    """The device answered with an error response."""
+
+    def __init__(self, cmd, code):
+        self.cmd, self.code = cmd, code
+        try:
+            self.code_name = ErrorCode(code).name
+        except ValueError:
+            self.code_name = f"error {code}"
+        try:
+            cmd_name = Command(cmd).name
+        except ValueError:
+            cmd_name = f"command 0x{cmd:02x}"
+        super().__init__(f"device refused {cmd_name}: {self.code_name} ({code})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    cmd: int
+    seq: int
+    payload: bytes = b""
+
+    def encode(self):
+        return encode_frame(self.cmd, self.seq, self.payload)
+
+
+def crc16(data, crc=0xFFFF):
+    """CRC-16/CCITT-FALSE: polynomial 0x1021, initial 0xFFFF, no reflection, no final xor."""
+    return binascii.crc_hqx(bytes(data), crc)
+
+
+def encode_frame(cmd, seq, payload=b""):
+    payload = bytes(payload)
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes; at most {MAX_PAYLOAD}")
+    body = struct.pack("<BBH", cmd & 0xFF, seq & 0xFF, len(payload)) + payload
+    return bytes([SYNC]) + body + struct.pack("<H", crc16(body))
+
+
+def decode_frame(data):
+    """The Frame of exactly one whole frame's bytes, or None if they are not one (no sync,
+    wrong length, oversize, bad CRC)."""
+    data = bytes(data)
+    if len(data) < OVERHEAD_BYTES or data[0] != SYNC:
+        return None
+    n = data[3] | data[4] << 8
+    if n > MAX_PAYLOAD or len(data) != OVERHEAD_BYTES + n:
+        return None
+    if crc16(data[1:HEADER_BYTES + n]) != (data[-2] | data[-1] << 8):
+        return None
+    return Frame(data[1], data[2], data[HEADER_BYTES:HEADER_BYTES + n])
+
+
+class FrameParser:
+    """Frames out of a byte stream. `feed` returns the frames its bytes completed, in
+    order. Bytes before a 0xA5 are skipped (counted in ``skipped``); a header with a
+    length above MAX_PAYLOAD (``oversize``) or a frame with a bad CRC (``bad_crc``) is
+    dropped and the hunt goes on from the byte after its 0xA5, so a false start inside
+    garbage cannot swallow the frame after it (once its bytes are in). `expire` is the
+    watchdog: it drops a partial frame (``expired``) and rescans what it held."""
+
+    def __init__(self):
+        self._buf = bytearray()
+        self.frames = self.skipped = self.oversize = self.bad_crc = self.expired = 0
+
+    @property
+    def dropped(self):
+        return self.oversize + self.bad_crc + self.expired
+
+    @property
+    def pending(self):
+        """Bytes held for a frame not yet complete."""
+        return len(self._buf)
+
+    def feed(self, data):
+        self._buf += data
+        return self._parse()
+
+    def expire(self):
+        """The watchdog fired: drop the partial frame (if any); returns frames found in
+        the bytes after its 0xA5."""
+        if not self._buf:
+            return []
+        self.expired += 1
+        del self._buf[:1]
+        return self._parse()
+
+    def _parse(self):
+        buf, out = self._buf, []
+        while True:
+            i = buf.find(SYNC)
+            if i < 0:
+                self.skipped += len(buf)
+                buf.clear()
+                return out
+            if i:
+                self.skipped += i
+                del buf[:i]
+            if len(buf) < HEADER_BYTES:
+                return out
+            n = buf[3] | buf[4] << 8
+            if n > MAX_PAYLOAD:
+                self.oversize += 1
+                del buf[:1]
+                continue
+            if len(buf) < OVERHEAD_BYTES + n:
+                return out
+            end = HEADER_BYTES + n
+            if crc16(buf[1:end]) != (buf[end] | buf[end + 1] << 8):
+                self.bad_crc += 1
+                del buf[:1]
+                continue
+            out.append(Frame(buf[1], buf[2], bytes(buf[HEADER_BYTES:end])))
+            self.frames += 1
+            del buf[:end + 2]
+
+
+# ---------------------------------------------------------------- requests ----------
+
+def _words(words):
+    return struct.pack(f"<{len(words)}I", *(int(w) & _WORD_MASK for w in words))
+
+
+def identify(seq):
+    return encode_frame(Command.IDENTIFY, seq)
+
+
+def write(seq, address, words):
+    """WRITE ``words`` (1..256) at port addresses ``address`` up."""
+    if not 1 <= len(words) <= MAX_WORDS:
+        raise ValueError(f"a WRITE carries 1..{MAX_WORDS} words, not {len(words)}")
+    return encode_frame(Command.WRITE, seq, _words([address]) + _words(words))
+
+
+def read(seq, address, count):
+    """READ ``count`` (1..256) words from port address ``address`` up."""
+    if not 1 <= count <= MAX_WORDS:
+        raise ValueError(f"a READ asks for 1..{MAX_WORDS} words, not {count}")
+    return encode_frame(Command.READ, seq, struct.pack("<IH", address & _WORD_MASK, count))
+
+
+def start(seq, entry=0):
+    return encode_frame(Command.START, seq, struct.pack("<H", entry))
+
+
+def status(seq):
+    return encode_frame(Command.STATUS, seq)
+
+
+def abort(seq):
+    return encode_frame(Command.ABORT, seq)
+
+
+def error_response(seq, cmd, code):
+    return encode_frame(ERROR_CMD, seq, bytes([cmd & 0xFF, int(code)]))
+
+
+# ---------------------------------------------------------------- responses ---------
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    id: int
+    config_hash: int
+    geometry: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusWords:
+    status: int
+    pc: int
+    index: int
+    updates: int
+    cycles: int
+    cycles_frozen: int
+    cycles_cached: int
+    cycles_infer: int
+
+
+def _expect_len(frame, n):
+    if len(frame.payload) != n:
+        raise LinkError(f"a {Command(frame.cmd & ~RESPONSE).name} response of {len(frame.payload)} "
+                        f"bytes; expected {n}")
+
+
+def response_payload(frame, cmd, seq):
+    """The payload of ``frame`` as the response to request ``cmd`` with ``seq``; raises
+    ProtocolError for an error response, LinkError for a frame that does not answer it."""
+    if frame.seq != seq & 0xFF:
+        raise LinkError(f"response seq {frame.seq}, request seq {seq & 0xFF}")
+    if frame.cmd == ERROR_CMD:
+        if len(frame.payload) != 2 or frame.payload[0] != cmd:
+            raise LinkError(f"malformed error response {frame.payload.hex()} to command 0x{cmd:02x}")
+        raise ProtocolError(cmd, frame.payload[1])
+    if frame.cmd != cmd | RESPONSE:
+        raise LinkError(f"response cmd 0x{frame.cmd:02x} to command 0x{cmd:02x}")
+    n = {Command.IDENTIFY: 4 * len(IDENTIFY_REGS), Command.STATUS: 4 * len(STATUS_REGS)}.get(cmd)
+    if n is not None or cmd in (Command.WRITE, Command.START, Command.ABORT):
+        _expect_len(frame, n or 0)
+    return frame.payload
+
+
+def _unpack_words(payload):
+    return list(struct.unpack(f"<{len(payload) // 4}I", payload))
+
+
+def parse_identify(payload):
+    return Identity(*_unpack_words(payload))
+
+
+def parse_read(payload, count):
+    if len(payload) != 4 * count:
+        raise LinkError(f"a READ response of {len(payload)} bytes; expected {4 * count}")
+    return _unpack_words(payload)
+
+
+def parse_status(payload):
+    return StatusWords(*_unpack_words(payload))
+
+
+# ---------------------------------------------------------------- the device --------
+
+def _reg(reg):
+    return Region.REGS.value << OFFSET_BITS | reg
+
+
+def _is_regs(address, count):
+    """Every address of ``address .. address + count - 1`` in the REGS region."""
+    return all(((address + i) & _ADDR_MASK) >> OFFSET_BITS == Region.REGS.value for i in (0, count - 1))
+
+
+def serve(frame, port):
+    """The device's response bytes to one request (a Frame, or a whole frame's bytes), or
+    None when the device drops it (bytes that are not a valid frame). ``port`` is the
+    host port: ``read(address)``, ``write(address, word)`` and ``running``.
+
+    Checks, in order: an unknown command (error 1), a bad length (error 2), then the
+    running restrictions (START: error 4; WRITE, READ outside REGS: error 3). Addresses
+    are taken modulo 2**PORT_ADDR_BITS."""
+    if not isinstance(frame, Frame):
+        frame = decode_frame(frame)
+        if frame is None:
+            return None
+    cmd, seq, p = frame.cmd, frame.seq, frame.payload
+    try:
+        cmd = Command(cmd)
+    except ValueError:
+        return error_response(seq, cmd, ErrorCode.UNKNOWN_COMMAND)
+
+    def ok(words=()):
+        return encode_frame(cmd | RESPONSE, seq, _words(list(words)))
+
+    def fail(code):
+        return error_response(seq, cmd, code)
+
+    n = len(p)
+    if cmd is Command.WRITE:
+        good = n >= 8 and n % 4 == 0 and (n - 4) // 4 <= MAX_WORDS
+    elif cmd is Command.READ:
+        good = n == 6 and 1 <= (p[4] | p[5] << 8) <= MAX_WORDS
+    elif cmd is Command.START:
+        good = n == 2
+    else:
+        good = n == 0
+    if not good:
+        return fail(ErrorCode.BAD_LENGTH)
+
+    running = bool(port.running)
+    if cmd is Command.IDENTIFY:
+        return ok(port.read(_reg(r)) for r in IDENTIFY_REGS)
+    if cmd is Command.STATUS:
+        return ok(port.read(_reg(r)) for r in STATUS_REGS)
+    if cmd is Command.ABORT:
+        port.write(_reg(Regs.CONTROL), Control.ABORT)
+        return ok()
+    if cmd is Command.START:
+        if running:
+            return fail(ErrorCode.START_WHILE_RUNNING)
+        port.write(_reg(Regs.CONTROL), Control.START | (p[0] | p[1] << 8) << 16)
+        return ok()
+    address = struct.unpack_from("<I", p)[0]
+    if cmd is Command.READ:
+        count = p[4] | p[5] << 8
+        if running and not _is_regs(address, count):
+            return fail(ErrorCode.RUNNING)
+        return ok(port.read((address + i) & _ADDR_MASK) for i in range(count))
+    if running:
+        return fail(ErrorCode.RUNNING)
+    for i, w in enumerate(_unpack_words(p[4:])):
+        port.write((address + i) & _ADDR_MASK, w)
+    return ok()

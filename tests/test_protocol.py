@@ -1,0 +1,280 @@
+"""host.protocol: CRC, frames, the stream parser, requests/responses and the device side
+(`serve`) against docs/protocol.md."""
+
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from firmware.memmap import ID_MAGIC, Region, Regs, Status, address
+from gateware.config import DEFAULT
+from host import protocol as P
+from host.protocol import Command, ErrorCode, Frame, FrameParser
+
+frames = st.builds(Frame, st.integers(0, 255), st.integers(0, 255),
+                   st.binary(max_size=P.MAX_PAYLOAD))
+small_frames = st.builds(Frame, st.integers(0, 255), st.integers(0, 255), st.binary(max_size=40))
+
+
+def crc_bitwise(data):
+    crc = 0xFFFF
+    for b in data:
+        crc ^= b << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
+    return crc
+
+
+# ---------------------------------------------------------------- CRC and frames ----
+
+def test_crc_known_answer():
+    assert P.crc16(b"123456789") == 0x29B1
+    assert P.crc16(b"") == 0xFFFF
+
+
+@given(st.binary(max_size=64))
+def test_crc_matches_bitwise_definition(data):
+    assert P.crc16(data) == crc_bitwise(data)
+
+
+def test_frame_layout():
+    f = P.encode_frame(0x02, 7, b"\x01\x02\x03")
+    assert f[:5] == bytes([0xA5, 0x02, 7, 3, 0])
+    assert f[5:8] == b"\x01\x02\x03"
+    assert struct.unpack("<H", f[8:])[0] == P.crc16(f[1:8])
+    # docs/protocol.md: a WRITE of 256 words is 1,035 bytes
+    assert len(P.write(0, 0, [0] * 256)) == 1035
+
+
+@given(frames)
+def test_frame_round_trip(frame):
+    data = frame.encode()
+    assert len(data) == P.OVERHEAD_BYTES + len(frame.payload)
+    assert P.decode_frame(data) == frame
+    parser = FrameParser()
+    assert parser.feed(data) == [frame]
+    assert parser.pending == 0
+
+
+def test_oversize_payload_is_refused():
+    with pytest.raises(ValueError):
+        P.encode_frame(1, 0, bytes(P.MAX_PAYLOAD + 1))
+
+
+# ---------------------------------------------------------------- the parser --------
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=30), small_frames), max_size=6), st.binary(max_size=30),
+       st.randoms(use_true_random=False))
+def test_parser_finds_frames_between_garbage(pieces, tail, rnd):
+    """Random garbage (0xA5 included) between frames, fed in random splits: every frame
+    comes out, in order (a false start is dropped and rescanned once its bytes are in;
+    the watchdog flushes one still pending at the end)."""
+    stream = b"".join(g + f.encode() for g, f in pieces) + tail
+    want = [f for _, f in pieces]
+    parser = FrameParser()
+    got, i = [], 0
+    while i < len(stream):
+        j = i + rnd.randint(1, 50)
+        got += parser.feed(stream[i:j])
+        i = j
+    got += flush(parser)
+    it = iter(got)
+    assert all(any(g == w for g in it) for w in want), (want, got)
+
+
+def flush(parser):
+    """Let the watchdog drop whatever is pending (a false start waiting for bytes)."""
+    got = []
+    while parser.pending:
+        got += parser.expire()
+    return got
+
+
+def test_parser_split_at_every_position():
+    """A false start (0xA5 0x13, then the real frame's first bytes as its length) holds
+    the stream until the watchdog drops it; then every frame comes out in order."""
+    fs = [Frame(Command.WRITE, 1, bytes(range(12))), Frame(0x85, 2, b""), Frame(0xFF, 3, b"\x02\x01"),
+          Frame(Command.READ, 4, b"\xa5" * 6)]
+    stream = b"\x00\xa5\x13" + b"".join(f.encode() + b"\x5a" for f in fs)
+    for cut in range(len(stream) + 1):
+        parser = FrameParser()
+        got = parser.feed(stream[:cut]) + parser.feed(stream[cut:])
+        assert got == [] and parser.pending == len(stream) - 1, cut
+        assert flush(parser) == fs, cut
+        assert parser.expired == 1
+    for size in (1, 2, 3, 7):
+        parser = FrameParser()
+        got = [f for k in range(0, len(stream), size) for f in parser.feed(stream[k:k + size])]
+        assert got + flush(parser) == fs
+    stream = stream[3:]                 # no false start: nothing waits for the watchdog
+    for cut in range(len(stream) + 1):
+        parser = FrameParser()
+        assert parser.feed(stream[:cut]) + parser.feed(stream[cut:]) == fs, cut
+        assert parser.pending == 0
+
+
+def test_corrupted_byte_is_never_accepted():
+    rnd = random.Random(1)
+    for frame in (Frame(Command.WRITE, 9, bytes(rnd.randrange(256) for _ in range(20))),
+                  Frame(Command.STATUS, 200, b""), Frame(0x83, 3, bytes(rnd.randrange(256) for _ in range(8)))):
+        data = frame.encode()
+        for pos in range(len(data)):
+            for flip in range(1, 256):
+                bad = bytearray(data)
+                bad[pos] ^= flip
+                parser = FrameParser()
+                got = parser.feed(bytes(bad)) + flush(parser)
+                assert got == [], (pos, flip, got)
+                assert P.decode_frame(bytes(bad)) is None
+
+
+def test_parser_counts_drops():
+    parser = FrameParser()
+    good = P.status(1)
+    bad = bytearray(good)
+    bad[-1] ^= 1
+    assert parser.feed(b"\x00\x01" + bytes(bad) + good) == [Frame(Command.STATUS, 1)]
+    assert parser.bad_crc == 1 and parser.frames == 1 and parser.skipped >= 2
+    oversize = bytes([0xA5, 2, 0]) + struct.pack("<H", P.MAX_PAYLOAD + 1)
+    assert parser.feed(oversize + good) == [Frame(Command.STATUS, 1)]
+    assert parser.oversize == 1
+    assert parser.feed(P.write(0, 0, [1, 2])[:9]) == [] and parser.pending == 9
+    assert parser.expire() == [] and parser.expired == 1 and parser.pending == 0
+    assert parser.dropped == 3
+
+
+# ---------------------------------------------------------------- requests/responses -
+
+def test_request_payloads():
+    assert P.decode_frame(P.identify(5)) == Frame(Command.IDENTIFY, 5)
+    assert P.decode_frame(P.write(6, 0x1000002, [1, 0xFFFFFFFF])).payload == struct.pack("<III", 0x1000002, 1,
+                                                                                           0xFFFFFFFF)
+    assert P.decode_frame(P.read(7, 0x6000000, 256)).payload == struct.pack("<IH", 0x6000000, 256)
+    assert P.decode_frame(P.start(8, 0x1234)).payload == b"\x34\x12"
+    assert P.decode_frame(P.status(9)).cmd == Command.STATUS
+    assert P.decode_frame(P.abort(10)).cmd == Command.ABORT
+    for bad in (lambda: P.write(0, 0, []), lambda: P.write(0, 0, [0] * 257),
+                lambda: P.read(0, 0, 0), lambda: P.read(0, 0, 257)):
+        with pytest.raises(ValueError):
+            bad()
+
+
+def test_response_checks():
+    ok = P.decode_frame(P.encode_frame(Command.READ | P.RESPONSE, 3, struct.pack("<2I", 1, 2)))
+    assert P.parse_read(P.response_payload(ok, Command.READ, 3), 2) == [1, 2]
+    with pytest.raises(P.LinkError, match="seq"):
+        P.response_payload(ok, Command.READ, 4)
+    with pytest.raises(P.LinkError, match="cmd"):
+        P.response_payload(ok, Command.WRITE, 3)
+    with pytest.raises(P.LinkError):
+        P.parse_read(ok.payload, 3)
+    err = P.decode_frame(P.error_response(3, Command.WRITE, ErrorCode.RUNNING))
+    with pytest.raises(P.ProtocolError, match="RUNNING") as e:
+        P.response_payload(err, Command.WRITE, 3)
+    assert e.value.code == ErrorCode.RUNNING and e.value.code_name == "RUNNING"
+    short = P.decode_frame(P.encode_frame(Command.STATUS | P.RESPONSE, 1, bytes(8)))
+    with pytest.raises(P.LinkError):
+        P.response_payload(short, Command.STATUS, 1)
+
+
+# ---------------------------------------------------------------- the device side ---
+
+class FakePort:
+    """A port of a dict, recording every access."""
+
+    def __init__(self, running=False):
+        self.mem, self.running, self.log = {}, running, []
+
+    def read(self, a):
+        self.log.append(("r", a))
+        return self.mem.get(a, a & 0xFFFF)
+
+    def write(self, a, w):
+        self.log.append(("w", a, w))
+        self.mem[a] = w
+
+
+def ask(port, request):
+    out = P.serve(request, port)
+    assert out is not None
+    (frame,) = FrameParser().feed(out)
+    return frame
+
+
+def error_of(frame, cmd):
+    assert frame.cmd == P.ERROR_CMD and frame.payload[0] == cmd
+    return frame.payload[1]
+
+
+REG = {r: address(Region.REGS, r, DEFAULT) for r in Regs}
+
+
+def test_serve_write_read_start_abort():
+    port = FakePort()
+    base = address(Region.PROGRAM, 10, DEFAULT)
+    f = ask(port, P.write(1, base, [7, 8, 9]))
+    assert f == Frame(Command.WRITE | P.RESPONSE, 1)
+    assert port.log == [("w", base + i, w) for i, w in enumerate((7, 8, 9))]
+    f = ask(port, P.read(2, base + 1, 2))
+    assert f.seq == 2 and P.parse_read(P.response_payload(f, Command.READ, 2), 2) == [8, 9]
+    port.log.clear()
+    assert ask(port, P.start(3, 0x42)) == Frame(Command.START | P.RESPONSE, 3)
+    assert ask(port, P.abort(4)) == Frame(Command.ABORT | P.RESPONSE, 4)
+    assert port.log == [("w", REG[Regs.CONTROL], 1 | 0x42 << 16), ("w", REG[Regs.CONTROL], 2)]
+    port.log.clear()
+    status = P.parse_status(ask(port, P.status(5)).payload)
+    assert [a for _, a in port.log] == [REG[r] for r in P.STATUS_REGS]
+    assert status.updates == Regs.UPDATES and status.cycles_infer == Regs.CYCLES_INFER
+
+
+def test_serve_errors():
+    port = FakePort()
+    assert error_of(ask(port, P.encode_frame(0x07, 1)), 0x07) == ErrorCode.UNKNOWN_COMMAND
+    assert error_of(ask(port, P.encode_frame(0x85, 1)), 0x85) == ErrorCode.UNKNOWN_COMMAND
+    bad = {Command.IDENTIFY: b"\x00", Command.STATUS: b"\x00" * 4, Command.ABORT: b"\x01",
+           Command.START: b"\x00", Command.READ: struct.pack("<IH", 0, 0),
+           Command.WRITE: struct.pack("<I", 0)}
+    for cmd, payload in bad.items():
+        assert error_of(ask(port, P.encode_frame(cmd, 2, payload)), cmd) == ErrorCode.BAD_LENGTH, cmd
+    for payload in (struct.pack("<IH", 0, 257), struct.pack("<I", 0) + b"\x01"):
+        assert error_of(ask(port, P.encode_frame(Command.READ, 2, payload)), Command.READ) == ErrorCode.BAD_LENGTH
+    assert error_of(ask(port, P.encode_frame(Command.WRITE, 2, bytes(10))), Command.WRITE) == ErrorCode.BAD_LENGTH
+    assert port.log == []                        # nothing touched
+    # a frame the device drops: no response, no access
+    bad_crc = bytearray(P.write(1, 0, [1]))
+    bad_crc[-1] ^= 0xFF
+    assert P.serve(bytes(bad_crc), port) is None and port.log == []
+
+
+def test_serve_running_restrictions():
+    port = FakePort(running=True)
+    prog = address(Region.PROGRAM, 0, DEFAULT)
+    assert error_of(ask(port, P.write(1, prog, [1])), Command.WRITE) == ErrorCode.RUNNING
+    assert error_of(ask(port, P.read(1, prog, 1)), Command.READ) == ErrorCode.RUNNING
+    assert error_of(ask(port, P.start(1, 0)), Command.START) == ErrorCode.START_WHILE_RUNNING
+    assert error_of(ask(port, P.write(1, REG[Regs.CONTROL], [2])), Command.WRITE) == ErrorCode.RUNNING
+    assert port.log == []
+    assert ask(port, P.identify(2)).cmd == Command.IDENTIFY | P.RESPONSE
+    assert ask(port, P.status(2)).cmd == Command.STATUS | P.RESPONSE
+    assert P.parse_read(ask(port, P.read(2, REG[Regs.ID], len(Regs))).payload, len(Regs)) == list(range(len(Regs)))
+    assert ask(port, P.abort(2)) == Frame(Command.ABORT | P.RESPONSE, 2)
+    assert ("w", REG[Regs.CONTROL], 2) in port.log
+
+
+def test_serve_machine():
+    """The device side over the instruction-level model: identify, upload, START runs a
+    program to HALT, STATUS reports it."""
+    from firmware.asm import assemble
+    from sim.machine import Machine
+
+    m = Machine(DEFAULT)
+    ident = P.parse_identify(ask(m, P.identify(0)).payload)
+    assert ident.id == ID_MAGIC and ident.config_hash == DEFAULT.hash
+    words = assemble("SETIDX 5\nINCIDX\nHALT")
+    ask(m, P.write(1, address(Region.PROGRAM, 0, DEFAULT), words))
+    assert ask(m, P.start(2, 0)).cmd == Command.START | P.RESPONSE
+    st_ = P.parse_status(ask(m, P.status(3)).payload)
+    assert st_.status & Status.DONE and not st_.status & Status.RUNNING
+    assert st_.index == 6
