@@ -10,8 +10,12 @@ from amaranth import Module
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
+from firmware.memmap import Region, Regs, address
 from gateware.config import DEFAULT
+from gateware.link import LinkController
 from gateware.uart import UartRx, UartTx, baud_error, divisor_for
+from host import protocol as hp
+from host.protocol import serve
 from tests.gateware.amaranth_streams import stream_source
 
 
@@ -137,3 +141,167 @@ def test_uart_rx_jitter(divisor):
     simulate(dut, drive_pin(dut.rx, [(b, 1) for b in data], divisor, jitter=1, rng=rng),
              background=[collect(dut.data, got, len(data), 100_000)])
     assert got == data
+
+
+# ---------------------------------------------------------------- LinkController -----
+
+class FakePort:
+    """The host port as `host.protocol.serve` sees it: a dict of words (REGS preset) and
+    the ``running`` flag; records every write."""
+
+    def __init__(self, running=False):
+        self.mem = {_reg(r): 0x1000 + r for r in Regs}
+        self.running = running
+        self.writes = []
+
+    def read(self, address):
+        return self.mem.get(address, 0)
+
+    def write(self, address, word):
+        self.writes.append((address, word))
+        self.mem[address] = word
+
+
+def _reg(r):
+    return address(Region.REGS, r, DEFAULT)
+
+
+TIMEOUT = 400
+
+
+def run_link(requests, gap=3, stall=0.0, seed=0, max_cycles=400_000):
+    """Sends each of ``requests`` ((bytes, running, wait) with ``wait``: wait for the
+    response(s) so far before the next) to a LinkController whose port is a FakePort,
+    ``gap`` idle cycles between bytes; the transmitter is not ready with probability
+    ``stall``. Returns (response bytes, the port, {request index: cycle of its last
+    byte}, [cycle of each response byte])."""
+    dut = LinkController(DEFAULT, timeout=TIMEOUT)
+    port = FakePort()
+    rng = random.Random(seed)
+    out, out_cycles, last_byte = [], [], {}
+    now = [0]
+
+    async def host(ctx):
+        for k, (frame, running, expect) in enumerate(requests):
+            port.running = running
+            ctx.set(dut.running, running)
+            for b in frame:
+                if b is None:                   # a pause in the middle of a frame
+                    await ctx.tick().repeat(TIMEOUT + 10)
+                    continue
+                ctx.set(dut.rx.valid, 1)
+                ctx.set(dut.rx.payload, b)
+                await ctx.tick()
+                ctx.set(dut.rx.valid, 0)
+                last_byte[k] = now[0]
+                if gap:
+                    await ctx.tick().repeat(gap)
+            for _ in range(max_cycles):
+                if len(out) >= expect:
+                    break
+                await ctx.tick()
+            else:
+                raise AssertionError(f"request {k}: {len(out)} of {expect} response bytes")
+        await ctx.tick().repeat(200)            # nothing more may come
+
+    async def device_port(ctx):
+        async for _, _, we, re, addr, wdata, ready, valid, data in ctx.tick().sample(
+                dut.we, dut.re, dut.addr, dut.wdata, dut.tx.ready, dut.tx.valid, dut.tx.payload):
+            now[0] += 1
+            if we:
+                port.write(addr, wdata)
+            ctx.set(dut.rvalid, re)
+            ctx.set(dut.rdata, port.read(addr) if re else 0)
+            if ready and valid:
+                out.append(data)
+                out_cycles.append(now[0])
+            ctx.set(dut.tx.ready, not (stall and rng.random() < stall))
+
+    simulate(dut, host, background=[device_port])
+    return bytes(out), port, last_byte, out_cycles
+
+
+def expected(requests):
+    """`host.protocol.serve`'s responses to ``requests`` ((frame, running) pairs; a frame
+    that is a list with pauses is one the device must drop), the response bytes due
+    after each request, and its port."""
+    ref, out, due = FakePort(), b"", []
+    for frame, running in requests:
+        ref.running = running
+        if isinstance(frame, bytes):
+            out += serve(frame, ref) or b""
+        due.append(len(out))
+    return out, due, ref
+
+
+def exchange(requests, **kw):
+    """Runs ``requests`` (frame, running), each after the responses to those before it,
+    and checks the response bytes and the port writes against `host.protocol.serve`.
+    Returns the cycles of each request's last byte and of each response byte."""
+    want, due, ref = expected(requests)
+    got, port, last, cycles = run_link([(f, r, n) for (f, r), n in zip(requests, due)], **kw)
+    assert got == want
+    assert port.writes == ref.writes
+    return last, cycles
+
+
+def test_link_identify_write_read_status():
+    prog = address(Region.PROGRAM, 10, DEFAULT)
+    words = [0xDEADBEEF, 1, 2, 0xFFFFFFFF, 0x12345678]
+    reqs = [hp.identify(1), hp.write(2, prog, words), hp.read(3, prog, len(words)),
+            hp.status(4), hp.start(5, 0x1234), hp.abort(6), hp.read(7, _reg(Regs.ID), 20)]
+    last, cycles = exchange([(f, False) for f in reqs])
+    # the response to IDENTIFY starts a fixed number of cycles after its last byte
+    print("latency", cycles[0] - last[0])
+
+
+def test_link_long_write_read_with_stalls():
+    rng = random.Random(3)
+    base = address(Region.ADAPTERS, 100, DEFAULT)
+    words = [rng.randrange(1 << 32) for _ in range(256)]
+    exchange([(hp.write(9, base, words), False), (hp.read(10, base, 256), False),
+              (hp.read(11, base + 17, 3), False)], gap=0, stall=0.5)
+
+
+def test_link_errors():
+    enc = hp.encode_frame
+    prog = address(Region.PROGRAM, 0, DEFAULT)
+    reqs = [
+        (enc(0x07, 1), False), (enc(0x00, 2, b"xx"), False),            # unknown
+        (enc(hp.Command.IDENTIFY, 3, b"\\0"), False),                      # bad lengths
+        (enc(hp.Command.WRITE, 4, b"\\0" * 5), False),
+        (enc(hp.Command.WRITE, 5, b"\\0" * 4), False),
+        (enc(hp.Command.READ, 6, b"\\0" * 4 + b"\\0\\0"), False),            # count 0
+        (enc(hp.Command.READ, 7, b"\\0" * 4 + b"\\x01\\x01"), False),        # count 257
+        (enc(hp.Command.START, 8, b""), False),
+        (hp.start(9, 3), True),                                             # running
+        (hp.write(10, prog, [5]), True), (hp.read(11, prog, 1), True),
+        (hp.read(12, _reg(Regs.ID), 20), True),                            # REGS: served
+        (hp.read(13, _reg(Regs.LFSR), 2), True),                           # runs out of REGS
+        (hp.identify(14), True), (hp.status(15), True), (hp.abort(16), True),
+    ]
+    exchange(reqs)
+
+
+def test_link_drops_bad_frames():
+    """A flipped bit, an oversize length and a frame cut short (the watchdog) are
+    dropped without a response or a write; the good frame after each is served."""
+    prog = address(Region.PROGRAM, 4, DEFAULT)
+    good = hp.write(1, prog, [7, 8])
+    flipped = bytearray(hp.write(2, prog, [9, 9]))
+    flipped[9] ^= 0x10
+    oversize = bytes([0xA5, 2, 3, 0x05, 0x04]) + bytes(20)
+    cut = list(hp.write(4, prog, [1, 2, 3]))
+    cut = cut[:10] + [None]
+    reqs = [(bytes(flipped), False), (good, False), (list(oversize), False),
+            (hp.read(5, prog, 2), False), (cut, False), (hp.read(6, prog, 3), False)]
+    exchange(reqs)
+
+
+def test_link_back_to_back():
+    """The next request arrives while a response goes out (a slow transmitter)."""
+    prog = address(Region.PROGRAM, 0, DEFAULT)
+    reqs = [hp.write(1, prog, [3, 4, 5]), hp.read(2, prog, 3)]
+    want, due, ref = expected([(f, False) for f in reqs])
+    got, port, _, _ = run_link([(reqs[0], False, 0), (reqs[1], False, due[-1])], stall=0.9)
+    assert got == want and port.writes == ref.writes
