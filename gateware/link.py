@@ -89,9 +89,10 @@ class LinkController(wiring.Component):
     goes out; START and ABORT write CONTROL; IDENTIFY, STATUS and READ read a word from
     the port while the previous word's last byte is being sent, computing the response's
     CRC on the fly, so a response leaves with no gaps between bytes. Responses echo
-    ``seq``. The first byte of a response is offered 4 cycles after the request's last
-    byte arrives (WRITE: 5 + the number of words); the addresses are taken modulo
-    2**PORT_ADDR_BITS.
+    ``seq``. The first byte of a response is offered 3 cycles after the request's last
+    byte arrives (a WRITE of n words: n + 4; a request arriving while the previous
+    response goes out waits for its end); a READ word takes 2 cycles between its
+    predecessor's last byte and its first. Addresses are taken modulo 2**PORT_ADDR_BITS.
     """
 
     def __init__(self, cfg=DEFAULT, timeout=None):

@@ -12,11 +12,13 @@ from amaranth.sim import Simulator
 
 from firmware.memmap import Region, Regs, address
 from gateware.config import DEFAULT
+from gateware.device import SIM_DIVISOR, Device
 from gateware.link import LinkController
 from gateware.uart import UartRx, UartTx, baud_error, divisor_for
 from host import protocol as hp
 from host.protocol import serve
 from tests.gateware.amaranth_streams import stream_source
+from tests.gateware.harness import run_cocotb
 
 
 def simulate(dut, *benches, background=()):
@@ -167,6 +169,7 @@ def _reg(r):
 
 
 TIMEOUT = 400
+LATENCY = 3
 
 
 def run_link(requests, gap=3, stall=0.0, seed=0, max_cycles=400_000):
@@ -251,8 +254,10 @@ def test_link_identify_write_read_status():
     reqs = [hp.identify(1), hp.write(2, prog, words), hp.read(3, prog, len(words)),
             hp.status(4), hp.start(5, 0x1234), hp.abort(6), hp.read(7, _reg(Regs.ID), 20)]
     last, cycles = exchange([(f, False) for f in reqs])
-    # the response to IDENTIFY starts a fixed number of cycles after its last byte
-    print("latency", cycles[0] - last[0])
+    # the first response byte is offered 3 cycles after the request's last byte; a WRITE
+    # of n words first writes them, in n + 1 cycles
+    assert cycles[0] - last[0] == LATENCY
+    assert cycles[19] - last[1] == LATENCY + len(words) + 1
 
 
 def test_link_long_write_read_with_stalls():
@@ -305,3 +310,13 @@ def test_link_back_to_back():
     want, due, ref = expected([(f, False) for f in reqs])
     got, port, _, _ = run_link([(reqs[0], False, 0), (reqs[1], False, due[-1])], stall=0.9)
     assert got == want and port.writes == ref.writes
+
+
+# ---------------------------------------------------------------- Device on Verilator -
+
+def test_device_cocotb():
+    """The whole device at its pins, UART divisor 4, on Verilator (cocotb_link.py)."""
+    rtl, tests, wall = run_cocotb("verilator", "device", Device(DEFAULT, divisor=SIM_DIVISOR),
+                                  "tests.gateware.cocotb_link", DEFAULT,
+                                  env={"SKIPTUNE_LINK_DIVISOR": str(SIM_DIVISOR)})
+    print(f"verilator: build {rtl.build_seconds:.1f} s, {tests} tests in {wall:.1f} s")
