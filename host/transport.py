@@ -1,0 +1,113 @@
+"""Byte pipes to a device: ``write(data)`` sends bytes, ``read(n, timeout)`` returns at
+most ``n`` bytes (those that arrived, waiting up to ``timeout`` seconds for the first; b""
+if none), ``close()``.
+
+- `SerialTransport(path, baud)`: a UART through pyserial (a board, or the simulated
+  board's pseudo-terminal).
+- `ModelTransport(cfg)`: the instruction-level model (`sim.machine.Machine`) behind
+  `host.protocol.serve`; a START runs the program to completion inside the Machine, so
+  the next STATUS reports it done.
+- `RtlTransport(cfg)`: the simulated board (`sim.board.launch(cfg)`: the gateware in a
+  simulator behind a pseudo-terminal), through a SerialTransport.
+"""
+
+import re
+import time
+
+from gateware.config import DEFAULT
+
+from .protocol import FrameParser, serve
+
+__all__ = ["DeviceError", "SerialTransport", "ModelTransport", "RtlTransport"]
+
+
+class DeviceError(Exception):
+    """A problem with a device or a file it reads (one-line message)."""
+
+
+class SerialTransport:
+    def __init__(self, path, baud=DEFAULT.baud):
+        import serial
+        try:
+            self._port = serial.Serial(path, baud, timeout=0)
+        except (serial.SerialException, OSError, ValueError) as e:
+            reason = re.sub(r"^.*\[Errno \d+\] ", "", str(e))
+            raise DeviceError(f"cannot open serial port {path}: {reason}") from None
+        self.path = path
+        self._port.reset_input_buffer()
+
+    def write(self, data):
+        self._port.write(data)
+        self._port.flush()
+
+    def read(self, n, timeout):
+        self._port.timeout = timeout
+        first = self._port.read(1)
+        if not first or n <= 1:
+            return first
+        more = min(n - 1, self._port.in_waiting)
+        return first + (self._port.read(more) if more else b"")
+
+    def close(self):
+        self._port.close()
+
+
+class ModelTransport:
+    """The golden model answering frames exactly as the gateware's link does."""
+
+    def __init__(self, cfg=DEFAULT):
+        from sim.machine import Machine
+        self.machine = Machine(cfg)
+        self._parser = FrameParser()
+        self._out = bytearray()
+
+    def write(self, data):
+        for frame in self._parser.feed(data):
+            response = serve(frame, self.machine)
+            if response is not None:
+                self._out += response
+
+    def read(self, n, timeout):
+        if not self._out and timeout:
+            # nothing will come: a dropped frame waits out the timeout, as on a board
+            time.sleep(min(timeout, 0.01))
+            self._parser.expire()
+        data = bytes(self._out[:n])
+        del self._out[:n]
+        return data
+
+    def close(self):
+        pass
+
+
+class RtlTransport:
+    """The gateware in a simulator, behind a pseudo-terminal (`sim.board`)."""
+
+    def __init__(self, cfg=DEFAULT):
+        try:
+            from sim import board
+        except ModuleNotFoundError as e:
+            if e.name not in ("sim.board", "sim"):
+                raise
+            raise DeviceError("the simulated board (sim.board) is not available yet") from None
+        try:
+            self._board = board.launch(cfg)
+        except (getattr(board, "BoardError", OSError), OSError) as e:
+            raise DeviceError(f"rtl: {e}") from None
+        try:
+            self._serial = SerialTransport(self._board.path, cfg.baud)
+        except DeviceError:
+            self._board.close()
+            raise
+
+    def write(self, data):
+        self._serial.write(data)
+
+    def read(self, n, timeout):
+        return self._serial.read(n, timeout)
+
+    def close(self):
+        try:
+            self._serial.close()
+        finally:
+            self._board.close()
