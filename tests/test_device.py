@@ -1,0 +1,129 @@
+"""host.device over the protocol: the `model` device (the instruction-level model behind
+`host.protocol.serve`) fine-tunes and evaluates bit-exactly like sim.finetune, refuses
+another configuration, and counts the link's bytes."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from firmware.memmap import Region, address
+from gateware.config import DEFAULT
+from host import protocol as P
+from host.datasets import load_workload
+from host.device import Device, DeviceError, bursts, open_device
+from host.models import load_base_model
+from host.transport import ModelTransport
+from sim.finetune import Schedule, adapters_sha256, evaluate_fixed, finetune_fixed
+
+
+@pytest.fixture(scope="module")
+def digits():
+    wl = load_workload("digits", "rotate:30", None)
+    return wl, load_base_model("digits", None)
+
+
+@pytest.fixture(scope="module")
+def device():
+    return open_device("model")
+
+
+class CountingTransport(ModelTransport):
+    """A model transport that records the frames it is sent."""
+
+    def __init__(self, cfg=DEFAULT):
+        super().__init__(cfg)
+        self.sent = []
+
+    def write(self, data):
+        self.sent.append(bytes(data))
+        super().write(data)
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache-on", "cache-off"])
+def test_finetune_equals_finetune_fixed(digits, device, cache):
+    wl, model = digits
+    tr = wl.target_train
+    schedule = Schedule(epochs=3 if cache else 2, cache=cache)
+    seen = []
+    res = device.finetune(model, tr.x, tr.y, schedule, lambda d, t: seen.append((d, t)))
+    ref = finetune_fixed(model, tr.x, tr.y, schedule, device.cfg)
+    assert res.sha256 == adapters_sha256(ref.masters)
+    assert all(np.array_equal(a, b) for m, r in zip(res.masters, ref.masters) for a, b in zip(m, r))
+    assert (res.frozen_forwards, res.cache_hits, res.cache_misses) == \
+        (ref.frozen_forwards, ref.cache_hits, ref.cache_misses)
+    assert res.macs["frozen_forward"] == ref.frozen_macs and res.macs["adapters"] == ref.adapter_macs
+    assert res.cycles is None                   # the model has no cycle counters
+    total = schedule.epochs * -(-len(tr) // schedule.batch)
+    assert seen and seen[-1] == (total, total)
+    # the link carried at least the samples, and one response per request
+    assert res.link["sent"] > len(tr) * model.adapter_inputs[0]
+    assert res.link["received"] > 0
+
+
+def test_evaluate_equals_evaluate_fixed(digits, device):
+    wl, model = digits
+    tr, tg = wl.target_train, wl.target_test
+    masters = device.finetune(model, tr.x, tr.y, Schedule(epochs=2)).masters
+    for m in (None, masters):
+        assert device.evaluate(model, m, tg.x, tg.y) == evaluate_fixed(model, m, tg.x, tg.y, device.cfg)
+
+
+def test_evaluate_in_chunks(digits):
+    """A sample memory of 50 samples: the evaluation runs in chunks, same accuracy."""
+    wl, model = digits
+    tg = wl.target_test
+    cfg = dataclasses.replace(DEFAULT, max_samples=50)
+    dev = Device(ModelTransport(cfg), cfg, "model")
+    assert dev.evaluate(model, None, tg.x, tg.y) == evaluate_fixed(model, None, tg.x, tg.y, cfg)
+
+
+def test_config_mismatch_is_refused():
+    other = dataclasses.replace(DEFAULT, cache_samples=DEFAULT.cache_samples // 2)
+    assert other.hash != DEFAULT.hash
+    dev = Device(ModelTransport(other), DEFAULT, "model")
+    with pytest.raises(DeviceError) as e:
+        dev.identify()
+    msg = str(e.value)
+    assert msg == f"device configuration {other.hash:08x}, host expects {DEFAULT.hash:08x}"
+    assert "\n" not in msg
+
+
+def test_bytes_counted_and_bursts():
+    t = CountingTransport()
+    dev = Device(t, DEFAULT, "model")
+    dev.identify()
+    assert dev.bytes_sent == len(P.identify(1)) == 7
+    assert dev.bytes_received == 7 + 12
+    base = address(Region.ADAPTERS, 0, DEFAULT)
+    words = list(range(600))
+    t.sent.clear()
+    dev.write_words(base, words)
+    assert [len(f) for f in t.sent] == [7 + 4 + 4 * n for n in (256, 256, 88)]
+    assert dev.read_words(base, 600) == words
+    assert [len(f) for f in t.sent[3:]] == [7 + 6] * 3
+    assert dev.bytes_sent == 7 + sum(len(f) for f in t.sent)
+    assert dev.bytes_received == 19 + 3 * 7 + sum(7 + 4 * n for n in (256, 256, 88))
+    # consecutive addresses merge; a gap starts a new burst
+    assert bursts([(0, 1), (1, 2), (3, 3), (4, 4)]) == [(0, [1, 2]), (3, [3, 4])]
+
+
+def test_device_errors_are_one_line(digits):
+    t = ModelTransport()
+    dev = Device(t, DEFAULT, "model", timeout=0.05, retries=1)
+    with pytest.raises(DeviceError, match="RUNNING"):
+        t.machine.running = True                # a program that has not stopped
+        dev.write_words(address(Region.PROGRAM, 0, DEFAULT), [0])
+    t.machine.running = False
+    # a program word that is not an instruction stops with OPCODE
+    from firmware.compiler import Program
+    bad = Program("infer", [0xFFFFFFFF], 1, "", {}, 0, 0, 4, 1, 0, [], {})
+    with pytest.raises(DeviceError, match="error OPCODE at pc 0"):
+        dev.run(bad)
+
+
+def test_unknown_and_serial_without_port():
+    with pytest.raises(DeviceError, match="unknown device"):
+        open_device("fpga")
+    with pytest.raises(DeviceError, match="--port"):
+        open_device("serial")
