@@ -51,8 +51,13 @@ class Progress:
         sys.stderr.flush()
 
 
-def _add_common(p):
+def _add_device(p):
     p.add_argument("--device", default="model", help=f"device to run on ({', '.join(DEVICES)}; default model)")
+    p.add_argument("--port", metavar="PATH", help="serial port of the serial device (e.g. /dev/ttyUSB0)")
+
+
+def _add_common(p):
+    _add_device(p)
     p.add_argument("--workload", default="digits", help=f"{', '.join(WORKLOADS)} (default digits)")
     p.add_argument("--drift", help="drift spec: rotate:<deg>, shift:<px>[,<py>], noise:<sigma> (digits, "
                                    "mnist; default rotate:30) or env:noisy|env:silentB (fan; default env:noisy)")
@@ -66,7 +71,7 @@ def _parser():
     ap = argparse.ArgumentParser(prog="skiptune", description="On-board Skip2-LoRA fine-tuning.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="describe a device and its configuration")
-    p.add_argument("--device", default="model")
+    _add_device(p)
     p.add_argument("--json", metavar="PATH")
     p = sub.add_parser("finetune", help="fine-tune the adapters on the drifted target domain")
     _add_common(p)
@@ -101,8 +106,18 @@ def _table(rows):
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
 
 
+_opened = []
+
+
+def _open(args):
+    """The device of ``--device`` / ``--port``; `main` closes it."""
+    dev = open_device(args.device, DEFAULT, args.port)
+    _opened.append(dev)
+    return dev
+
+
 def cmd_info(args):
-    dev = open_device(args.device)
+    dev = _open(args)
     info = dev.info()
     if args.json:
         _emit_json(args.json, info)
@@ -130,7 +145,7 @@ def _load(args):
 def cmd_finetune(args):
     schedule = Schedule(epochs=args.epochs, batch=args.batch, rank=args.rank, lr=args.lr,
                         cache=args.cache == "on", cache_bits=args.cache_bits, seed=args.seed)
-    dev = open_device(args.device)
+    dev = _open(args)
     wl, model = _load(args)
     check_limits(model, schedule, dev.cfg)      # before any work, not after the baseline
     tr, src, tgt = wl.target_train, wl.source_test, wl.target_test
@@ -154,6 +169,7 @@ def cmd_finetune(args):
         "finetune_seconds": res.seconds,
         "frozen_forwards": res.frozen_forwards, "cache_hits": res.cache_hits, "cache_misses": res.cache_misses,
         "macs": res.macs, "cycles": res.cycles, "clock_hz": dev.cfg.clock_hz,
+        "link_bytes": res.link, "baud": dev.cfg.baud,
         "adapters_sha256": res.sha256,
     }
     if args.json:
@@ -170,6 +186,8 @@ def cmd_finetune(args):
             ("frozen forwards", f"{res.frozen_forwards} (cache hits {res.cache_hits}, misses {res.cache_misses})"),
             ("MACs", f"frozen {res.macs['frozen_forward'] / 1e6:.2f} M, adapters {res.macs['adapters'] / 1e6:.2f} M"),
             ("fine-tune time", f"{res.seconds:.2f} s (wall, this host)"),
+            ("link", f"{res.link['sent']} bytes sent, {res.link['received']} received "
+                     f"({10 * (res.link['sent'] + res.link['received']) / dev.cfg.baud:.3f} s at {dev.cfg.baud} baud)"),
             ("adapters sha256", res.sha256),
         ]))
         if args.save_adapters:
@@ -178,7 +196,7 @@ def cmd_finetune(args):
 
 
 def cmd_eval(args):
-    dev = open_device(args.device)
+    dev = _open(args)
     wl, model = _load(args)
     masters = load_adapters(args.adapters, model.name, dev.cfg) if args.adapters else None
     acc = {split: dev.evaluate(model, masters, getattr(wl, split).x, getattr(wl, split).y)
@@ -205,6 +223,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("skiptune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        while _opened:
+            _opened.pop().close()
 
 
 if __name__ == "__main__":
