@@ -7,43 +7,28 @@
 from contextlib import contextmanager
 
 from amaranth import Array, Cat, Const, Module, Mux, Signal
-from amaranth.lib import crc, enum, stream, wiring
+from amaranth.lib import crc, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from firmware.memmap import OFFSET_BITS, PORT_ADDR_BITS, Control, Region, Regs
+# the protocol's constants have one home, shared with the host and the model device
+from host.protocol import (ERROR_CMD, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS, RESPONSE,
+                           STATUS_REGS, SYNC, WATCHDOG_BYTES, Command, ErrorCode)
 
 from .config import DEFAULT, AccelConfig
 from .top import host_port
 from .uart import divisor_for
 
-__all__ = ["LinkController", "Command", "ErrorCode", "SYNC", "MAX_PAYLOAD", "MAX_WORDS",
-           "WATCHDOG_BYTES", "RESPONSE", "ERROR_CMD", "timeout_cycles"]
+__all__ = ["LinkController", "timeout_cycles", "Command", "ErrorCode", "SYNC", "MAX_PAYLOAD",
+           "MAX_WORDS", "WATCHDOG_BYTES", "RESPONSE", "ERROR_CMD"]
 
-SYNC = 0xA5
-MAX_PAYLOAD = 1028              # WRITE: address + 256 words
-MAX_WORDS = 256                 # words of one WRITE or READ
-WATCHDOG_BYTES = 64             # a frame quiet for this many byte times is dropped
-RESPONSE = 0x80                 # a response's cmd is the request's | RESPONSE
-ERROR_CMD = 0xFF                # ... or this, for an error response
-CRC16 = crc.catalog.CRC16_CCITT_FALSE
+CRC16 = crc.catalog.CRC16_CCITT_FALSE       # host.protocol.crc16 is the same function
 
-
-class Command(enum.Enum, shape=8):
-    IDENTIFY = 0x01
-    WRITE = 0x02
-    READ = 0x03
-    START = 0x04
-    STATUS = 0x05
-    ABORT = 0x06
-
-
-class ErrorCode(enum.Enum, shape=3):
-    NONE = 0
-    UNKNOWN_COMMAND = 1
-    BAD_LENGTH = 2              # for the command, or a word count outside 1..MAX_WORDS
-    RUNNING = 3                 # only IDENTIFY, READ of REGS, STATUS, ABORT while running
-    START_WHILE_RUNNING = 4
+# STATUS reads its registers in one sweep that steps over CONTROL
+assert STATUS_REGS == tuple(r for r in Regs if STATUS_REGS[0] <= r <= STATUS_REGS[-1]
+                            and r != Regs.CONTROL)
+assert IDENTIFY_REGS == tuple(Regs)[:len(IDENTIFY_REGS)]
 
 
 def timeout_cycles(divisor):
@@ -206,8 +191,8 @@ class LinkController(wiring.Component):
         good_len = Mux(is_cmd[Command.WRITE], (r_len >= 8) & (r_len[:2] == 0),
                    Mux(is_cmd[Command.READ], (r_len == 6) & (count >= 1) & (count <= MAX_WORDS),
                    Mux(is_cmd[Command.START], r_len == 2, r_len == 0)))
-        err = Signal(ErrorCode)
-        with m.If(~((r_cmd >= 1) & (r_cmd <= max(c.value for c in Command)))):
+        err = Signal(3)             # an ErrorCode, 0 for none
+        with m.If(~Cat(*is_cmd.values()).any()):
             m.d.comb += err.eq(ErrorCode.UNKNOWN_COMMAND)
         with m.Elif(~good_len):
             m.d.comb += err.eq(ErrorCode.BAD_LENGTH)
@@ -218,7 +203,7 @@ class LinkController(wiring.Component):
 
         # --- the frame as the executor holds it -------------------------------------------
         x_cmd, x_seq = Signal(8), Signal(8)
-        x_err = Signal(ErrorCode)
+        x_err = Signal(3)             # an ErrorCode, 0 for none
         x_buf = Signal()
         x_addr = Signal(PORT_ADDR_BITS)
         x_count = Signal(range(MAX_WORDS + 1))      # words to read or write
@@ -226,16 +211,16 @@ class LinkController(wiring.Component):
         x_reads = Signal()                          # IDENTIFY, STATUS, READ: words answer
         x_rlen = Signal(16)
         is_x = {c: x_cmd == c.value for c in Command}
-        failed, x_failed = err != ErrorCode.NONE, x_err != ErrorCode.NONE
+        failed, x_failed = err != 0, x_err != 0
         reads = ~failed & (is_cmd[Command.IDENTIFY] | is_cmd[Command.STATUS] | is_cmd[Command.READ])
-        words = Mux(is_cmd[Command.IDENTIFY], 3,
-                Mux(is_cmd[Command.STATUS], 8,
+        words = Mux(is_cmd[Command.IDENTIFY], len(IDENTIFY_REGS),
+                Mux(is_cmd[Command.STATUS], len(STATUS_REGS),
                 Mux(is_cmd[Command.READ], count, (r_len - 4) >> 2)))
         with m.If(handoff):
             m.d.sync += [
                 x_cmd.eq(r_cmd), x_seq.eq(r_seq), x_err.eq(err), x_buf.eq(r_buf),
-                x_addr.eq(Mux(is_cmd[Command.IDENTIFY], _reg(Regs.ID),
-                          Mux(is_cmd[Command.STATUS], _reg(Regs.STATUS),
+                x_addr.eq(Mux(is_cmd[Command.IDENTIFY], _reg(IDENTIFY_REGS[0]),
+                          Mux(is_cmd[Command.STATUS], _reg(STATUS_REGS[0]),
                           Mux(is_cmd[Command.START] | is_cmd[Command.ABORT], _reg(Regs.CONTROL),
                               addr)))),
                 x_count.eq(words), x_entry.eq(r_head[:16]), x_reads.eq(reads),
@@ -287,7 +272,7 @@ class LinkController(wiring.Component):
                     m.d.sync += h_idx.eq(h_idx + 1)
                     with m.If(h_idx == 4):
                         with m.If(x_failed):
-                            m.d.sync += [shift.eq(Cat(x_cmd, x_err.as_value())), left.eq(2)]
+                            m.d.sync += [shift.eq(Cat(x_cmd, x_err)), left.eq(2)]
                             m.next = "SEND"
                         with m.Elif(x_reads):
                             m.next = "FETCH"
@@ -296,7 +281,7 @@ class LinkController(wiring.Component):
             with m.State("FETCH"):
                 m.d.comb += [self.re.eq(1), self.addr.eq(x_addr)]
                 # STATUS's eight registers skip CONTROL, the only gap among them
-                m.d.sync += [x_addr.eq(x_addr + 1 + (is_x[Command.STATUS] & (x_addr == _reg(Regs.PC)))),
+                m.d.sync += [x_addr.eq(x_addr + 1 + (is_x[Command.STATUS] & (x_addr == _reg(Regs.CONTROL - 1)))),
                              x_count.eq(x_count - 1)]
                 m.next = "CAPTURE"
             with m.State("CAPTURE"):

@@ -8,7 +8,6 @@ import random
 import pytest
 from amaranth import Module
 from amaranth.lib import wiring
-from amaranth.sim import Simulator
 
 from firmware.memmap import Region, Regs, address
 from gateware.config import DEFAULT
@@ -19,16 +18,7 @@ from host import protocol as hp
 from host.protocol import serve
 from tests.gateware.amaranth_streams import stream_source
 from tests.gateware.harness import run_cocotb
-
-
-def simulate(dut, *benches, background=()):
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    for bench in background:
-        sim.add_testbench(bench, background=True)
-    for bench in benches:
-        sim.add_testbench(bench)
-    sim.run()
+from tests.gateware.test_gather import run as simulate
 
 
 def collect(stream, out, count, timeout):
