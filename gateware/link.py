@@ -12,9 +12,8 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from firmware.memmap import OFFSET_BITS, PORT_ADDR_BITS, Control, Region, Regs
-# the protocol's constants have one home, shared with the host and the model device
-from host.protocol import (ERROR_CMD, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS, RESPONSE,
-                           STATUS_REGS, SYNC, WATCHDOG_BYTES, Command, ErrorCode)
+from firmware.protocol import (ERROR_CMD, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS, RESPONSE,
+                               STATUS_REGS, SYNC, WATCHDOG_BYTES, Command, ErrorCode)
 
 from .config import DEFAULT, AccelConfig
 from .top import host_port

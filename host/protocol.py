@@ -18,10 +18,12 @@ and the device's side as a pure function of a host port.
 
 import binascii
 import dataclasses
-import enum
 import struct
 
 from firmware.memmap import OFFSET_BITS, PORT_ADDR_BITS, Control, Region, Regs
+from firmware.protocol import (ERROR_CMD, HEADER_BYTES, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS,
+                               OVERHEAD_BYTES, RESPONSE, STATUS_REGS, SYNC, WATCHDOG_BYTES,
+                               Command, ErrorCode)
 
 __all__ = ["SYNC", "MAX_PAYLOAD", "MAX_WORDS", "WATCHDOG_BYTES", "HEADER_BYTES", "OVERHEAD_BYTES",
            "Command", "ERROR_CMD", "RESPONSE", "ErrorCode", "ProtocolError", "LinkError", "Frame",
@@ -30,37 +32,8 @@ __all__ = ["SYNC", "MAX_PAYLOAD", "MAX_WORDS", "WATCHDOG_BYTES", "HEADER_BYTES",
            "response_payload", "parse_identify", "parse_read", "parse_status", "Identity",
            "StatusWords", "STATUS_REGS", "IDENTIFY_REGS", "serve"]
 
-SYNC = 0xA5
-MAX_PAYLOAD = 1028              # WRITE: address + 256 words
-MAX_WORDS = 256                 # words of one WRITE or READ
-WATCHDOG_BYTES = 64             # a frame that stops arriving this many byte times is dropped
-HEADER_BYTES = 5                # sync, cmd, seq, len
-OVERHEAD_BYTES = HEADER_BYTES + 2
-RESPONSE = 0x80                 # a response's cmd is the request's | RESPONSE
-ERROR_CMD = 0xFF                # ... or this, for an error response
 _ADDR_MASK = (1 << PORT_ADDR_BITS) - 1
 _WORD_MASK = 0xFFFFFFFF
-
-
-class Command(enum.IntEnum):
-    IDENTIFY = 0x01
-    WRITE = 0x02
-    READ = 0x03
-    START = 0x04
-    STATUS = 0x05
-    ABORT = 0x06
-
-
-class ErrorCode(enum.IntEnum):
-    UNKNOWN_COMMAND = 1
-    BAD_LENGTH = 2              # a bad length for the command, or a word count outside 1..256
-    RUNNING = 3                 # running: only IDENTIFY, READ of REGS, STATUS, ABORT are served
-    START_WHILE_RUNNING = 4
-
-
-IDENTIFY_REGS = (Regs.ID, Regs.CONFIG_HASH, Regs.GEOMETRY)
-STATUS_REGS = (Regs.STATUS, Regs.PC, Regs.INDEX, Regs.UPDATES, Regs.CYCLES, Regs.CYCLES_FROZEN,
-               Regs.CYCLES_CACHED, Regs.CYCLES_INFER)
 
 
 class LinkError(Exception):
