@@ -96,6 +96,15 @@ def test_idle_board_sleeps(loopback_exe):
             assert read_exactly(port, 2) == b"yz"
 
 
+def test_orphaned_board_exits(loopback_exe):
+    # --parent names a process that is not its parent: as if the host had died.
+    board = sim_board.Board(loopback_exe, ["--parent", "1"])
+    try:
+        assert board.process.wait(timeout=10) == 0
+    finally:
+        board.close()
+
+
 def test_build_is_cached(loopback_exe):
     start = time.monotonic()
     again = sim_board.build(DEFAULT, loopback(), divisor=4)

@@ -161,13 +161,14 @@ def build(cfg, component=None, divisor=4):
         # Skip the conversion when the sources it reads are those of a previous build.
         record = BUILD / "convert" / f"{_sha(cfg.hash, divisor, _sources_hash())[:16]}.json"
         with contextlib.suppress(OSError, ValueError, KeyError):
-            key = json.loads(record.read_text())["key"]
+            key = _key(cfg, divisor, json.loads(record.read_text())["verilog"])
             if (BUILD / key / "board").exists():
                 return BUILD / key / "board"
     start = time.monotonic()
     _log("converting the design to Verilog")
     text = _convert(cfg, component, divisor)
-    key = _key(cfg, divisor, _sha(text))
+    verilog_sha = _sha(text)
+    key = _key(cfg, divisor, verilog_sha)
     directory = BUILD / key
     exe = directory / "board"
     with _locked(BUILD / f"{key}.lock"):
@@ -179,7 +180,7 @@ def build(cfg, component=None, divisor=4):
     if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key}))
+        tmp.write_text(json.dumps({"verilog": verilog_sha}))
         os.replace(tmp, record)
     return exe
 
@@ -249,7 +250,8 @@ class Board:
 def launch(cfg, component=None, divisor=4, idle_cycles=None):
     """Build (or reuse) and start the simulated board; returns a `Board`."""
     exe = build(cfg, component, divisor)
-    args = ["--divisor", str(int(divisor))]
+    # --parent: a board whose host died without closing it exits at its next idle poll.
+    args = ["--divisor", str(int(divisor)), "--parent", str(os.getpid())]
     if idle_cycles is not None:
         args += ["--idle-cycles", str(int(idle_cycles))]
     return Board(exe, args)

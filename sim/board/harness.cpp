@@ -1,7 +1,7 @@
 // The simulated board: a Verilated top level `board` (ports clk, rst, rx, tx, running)
 // whose UART pins are bridged to a pseudo-terminal.
 //
-//   board [--divisor N] [--idle-cycles N] [--bench N]
+//   board [--divisor N] [--idle-cycles N] [--parent PID] [--bench N]
 //
 // Prints the pty's slave path on stdout (one line, nothing else ever goes to stdout),
 // then runs the clock: rst is held for the first cycles (rx idle for a few more), bytes
@@ -9,8 +9,8 @@
 // 8N1 bytes seen on `tx` are written to the pty. When nothing has been in flight in
 // either direction for `idle-cycles` cycles and `running` is low, it waits in poll()
 // between short bursts of cycles instead of spinning. Exits when the pty's other end is
-// closed after having been opened, or on SIGTERM/SIGINT; either way it reports the cycle
-// rate on stderr:
+// closed after having been opened, on SIGTERM/SIGINT, or when idle once it is no longer
+// the child of --parent (the host died); it then reports the cycle rate on stderr:
 //
 //   board: cycles=N seconds=S active_seconds=A cycles_per_second=R
 //
@@ -211,10 +211,12 @@ int main(int argc, char** argv) {
     int divisor = BOARD_DIVISOR;
     uint64_t idle_cycles = 50000;
     uint64_t bench = 0;
+    pid_t parent = 0;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--divisor")) divisor = (int)parse_arg(i, argc, argv);
         else if (!std::strcmp(argv[i], "--idle-cycles")) idle_cycles = parse_arg(i, argc, argv);
         else if (!std::strcmp(argv[i], "--bench")) bench = parse_arg(i, argc, argv);
+        else if (!std::strcmp(argv[i], "--parent")) parent = (pid_t)parse_arg(i, argc, argv);
         else { std::fprintf(stderr, "board: unknown argument %s\n", argv[i]); return 2; }
     }
 
@@ -273,6 +275,7 @@ int main(int argc, char** argv) {
     bool sleeping = false;
     while (!g_stop) {
         if (sleeping) {
+            if (parent && getppid() != parent) break;   // orphaned: the host died
             struct pollfd p = {fd, POLLIN, 0};
             auto t0 = Clock::now();
             int r = poll(&p, 1, SLEEP_MS);
