@@ -11,7 +11,7 @@ JOBS   ?= 2
 
 help:
 	@echo "make setup           create .venv/ and install skiptune with everything the tests need"
-	@echo "make demo            fine-tune digits (rotate:30) on the model device"
+	@echo "make demo            fine-tune digits (rotate:30) on the simulated board (rtl device), check it against the model"
 	@echo "make test            run the test suite ($(JOBS) workers)"
 	@echo "make models          retrain the shipped base models (deterministic)"
 	@echo "make accuracy-table  rewrite docs/accuracy.md"
@@ -28,7 +28,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/skiptune finetune --device model --workload digits --drift rotate:30
+	@mkdir -p build/demo
+	$(VENV)/bin/skiptune finetune --device rtl --workload digits --drift rotate:30 --json build/demo/rtl.json
+	@$(VENV)/bin/skiptune finetune --device model --workload digits --drift rotate:30 --quiet --json build/demo/model.json > /dev/null
+	@$(PY) scripts/compare_runs.py build/demo/rtl.json build/demo/model.json
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(JOBS) -q

@@ -186,6 +186,9 @@ def cmd_finetune(args):
             ("frozen forwards", f"{res.frozen_forwards} (cache hits {res.cache_hits}, misses {res.cache_misses})"),
             ("MACs", f"frozen {res.macs['frozen_forward'] / 1e6:.2f} M, adapters {res.macs['adapters'] / 1e6:.2f} M"),
             ("fine-tune time", f"{res.seconds:.2f} s (wall, this host)"),
+            *([("device cycles", f"{res.cycles['total']} (frozen {res.cycles['frozen']}, cached "
+                                 f"{res.cycles['cached']}): {1e3 * res.cycles['total'] / dev.cfg.clock_hz:.1f} ms "
+                                 f"at {dev.cfg.clock_hz / 1e6:g} MHz")] if res.cycles else []),
             ("link", f"{res.link['sent']} bytes sent, {res.link['received']} received "
                      f"({10 * (res.link['sent'] + res.link['received']) / dev.cfg.baud:.3f} s at {dev.cfg.baud} baud)"),
             ("adapters sha256", res.sha256),
