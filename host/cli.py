@@ -52,7 +52,7 @@ class Progress:
 
 
 def _add_device(p):
-    p.add_argument("--device", default="model", help=f"device to run on ({', '.join(DEVICES)}; default model)")
+    p.add_argument("--device", default="model", help=f"device to run on ({', '.join(DEVICES)}, or a serial port such as /dev/ttyUSB0; default model)")
     p.add_argument("--port", metavar="PATH", help="serial port of the serial device (e.g. /dev/ttyUSB0)")
 
 

@@ -262,7 +262,10 @@ class Device:
 
 
 def open_device(name, cfg=DEFAULT, path=None):
-    """A Device by name ("model", "rtl", "serial" with ``path`` its port), identified."""
+    """A Device by name ("model", "rtl", "serial" with ``path`` its port, or a serial
+    port's path itself, e.g. /dev/ttyUSB0), identified."""
+    if name not in DEVICES and os.sep in name:
+        name, path = "serial", name
     if name == "model":
         transport = ModelTransport(cfg)
     elif name == "rtl":

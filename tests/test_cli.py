@@ -421,6 +421,8 @@ def test_unknown_device_is_refused_cleanly(cmd):
 def test_serial_device_needs_a_port():
     assert_user_error(run("info", "--device", "serial"), "--port")
     assert_user_error(run("info", "--device", "serial", "--port", "/nonexistent/tty"), "/nonexistent/tty")
+    # a port path names the serial device directly
+    assert_user_error(run("info", "--device", "/nonexistent/tty"), "/nonexistent/tty")
 
 
 def test_mnist_flow_from_the_readme(bad_files, tmp_path):
