@@ -17,7 +17,7 @@ from gateware.layer_engine import MEM_ACT, MEM_BIAS, MEM_LOGIT, MEM_WEIGHT, load
 from sim.fixed_model import frozen_forward, layer_forward, quantize_input
 from sim.network import Layer
 
-from tests.gateware.streams import config_from_env, pack, start
+from tests.gateware.streams import config_from_env, pack, report_json, start
 
 CFG = config_from_env()
 R, C = CFG.array_rows, CFG.array_cols
@@ -263,10 +263,4 @@ async def gemm(dut):
 
 
 def _bench_write(key, rows):
-    out = os.environ.get("SKIPTUNE_BENCH_OUT")
-    if not out:
-        return
-    data = json.load(open(out)) if os.path.exists(out) else {}
-    data[key] = rows
-    with open(out, "w") as f:
-        json.dump(data, f, indent=1)
+    report_json("SKIPTUNE_BENCH_OUT", key, rows)

@@ -5,7 +5,6 @@ fine-tune alone, and the adapters read back must equal the golden fine-tune's to
 Python only touches the port while loading and reading back; during a run it looks at
 the status register every few thousand cycles. Figures go to SKIPTUNE_TOP_REPORT (JSON)."""
 
-import json
 import os
 import time
 
@@ -19,7 +18,7 @@ from firmware.isa import Error
 from firmware.memmap import Control, Region, Regs, Status, address
 from sim import fixed_model
 from sim.finetune import Schedule, adapters_sha256, finetune_fixed
-from tests.gateware.streams import config_from_env, env_int, start
+from tests.gateware.streams import config_from_env, env_int, report_json, start
 
 CFG = config_from_env()
 EPOCHS = env_int("SKIPTUNE_TOP_EPOCHS", 2)
@@ -84,13 +83,7 @@ def writes(program, images):
 
 
 def report(key, value):
-    path = os.environ.get("SKIPTUNE_TOP_REPORT")
-    if not path:
-        return
-    data = json.load(open(path)) if os.path.exists(path) else {}
-    data[key] = value
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+    report_json("SKIPTUNE_TOP_REPORT", key, value)
 
 
 def workload():

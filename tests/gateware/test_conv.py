@@ -19,6 +19,33 @@ from sim.network import Layer
 from .harness import SIMULATORS, run_cocotb
 
 
+async def load_engine(ctx, dut, loads):
+    """Write ``loads`` [(mem, addr, word)] through the engine's load stream."""
+    for mem, addr, v in loads:
+        ctx.set(dut.load.valid, 1)
+        ctx.set(dut.load.payload, {"mem": mem, "addr": addr, "data": v})
+        await ctx.tick()
+    ctx.set(dut.load.valid, 0)
+
+
+async def read_engine(ctx, dut, mem, base, count):
+    """``count`` words of ``mem`` from ``base`` through the engine's read port."""
+    got = []
+    for a in range(count):
+        ctx.set(dut.rd_mem, mem)
+        ctx.set(dut.rd_addr, base + a)
+        await ctx.tick()
+        got.append(ctx.get(dut.rd_data))
+    return got
+
+
+def run_bench(dut, bench):
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+
+
 def rtl_layer_amaranth(cfg, layer, x, w, b, shift, wide):
     """One layer through a LayerEngine in Amaranth's simulator; returns its output."""
     C = cfg.array_cols
@@ -30,26 +57,16 @@ def rtl_layer_amaranth(cfg, layer, x, w, b, shift, wide):
         loads = [(MEM_ACT, a, v) for a, v in enumerate(to_words(pack_activations(x, C), 8))]
         loads += [(MEM_WEIGHT, a, v) for a, v in enumerate(to_words(pack_weights(w, C), 8))]
         loads += [(MEM_BIAS, a, v) for a, v in enumerate(to_words(pack_biases(b, C), 32))]
-        for mem, addr, v in loads:
-            ctx.set(dut.load.valid, 1)
-            ctx.set(dut.load.payload, {"mem": mem, "addr": addr, "data": v})
-            await ctx.tick()
-        ctx.set(dut.load.valid, 0)
+        await load_engine(ctx, dut, loads)
         ctx.set(dut.desc, plan.fields)
         ctx.set(dut.start, 1)
         await ctx.tick()
         ctx.set(dut.start, 0)
         await ctx.tick().until(~dut.busy)
-        for a in range(plan.out_words):
-            ctx.set(dut.rd_mem, MEM_LOGIT if wide else MEM_ACT)
-            ctx.set(dut.rd_addr, plan.fields["out_base"] + a)
-            await ctx.tick()
-            got.append(ctx.get(dut.rd_data))
+        got.extend(await read_engine(ctx, dut, MEM_LOGIT if wide else MEM_ACT,
+                                     plan.fields["out_base"], plan.out_words))
 
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
+    run_bench(dut, bench)
     return unpack_activations(from_words(got, C, 16), plan.out_geometry, C)
 
 
@@ -91,11 +108,7 @@ def test_layer_after_a_short_tile_amaranth():
                   enumerate(to_words(np.concatenate([pack_weights(w1, C), pack_weights(w2, C)]), 8))]
         loads += [(MEM_BIAS, a, v) for a, v in
                   enumerate(to_words(np.concatenate([pack_biases(b1, C), pack_biases(b2, C)]), 32))]
-        for mem, addr, v in loads:
-            ctx.set(dut.load.valid, 1)
-            ctx.set(dut.load.payload, {"mem": mem, "addr": addr, "data": v})
-            await ctx.tick()
-        ctx.set(dut.load.valid, 0)
+        await load_engine(ctx, dut, loads)
         # start held high: the second layer begins in the first cycle the engine is idle
         ctx.set(dut.desc, p1.fields)
         ctx.set(dut.start, 1)
@@ -110,16 +123,9 @@ def test_layer_after_a_short_tile_amaranth():
             await ctx.tick()
         else:
             raise AssertionError("the second layer never finished")
-        for a in range(p2.out_words):
-            ctx.set(dut.rd_mem, MEM_ACT)
-            ctx.set(dut.rd_addr, 48 + a)
-            await ctx.tick()
-            got.append(ctx.get(dut.rd_data))
+        got.extend(await read_engine(ctx, dut, MEM_ACT, 48, p2.out_words))
 
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
+    run_bench(dut, bench)
     want = layer_forward(x2[None], conv, w2, b2, 6, 8, cfg)[0]
     assert_array_equal(unpack_activations(from_words(got, C, 16), p2.out_geometry, C), want)
 
