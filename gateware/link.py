@@ -13,7 +13,7 @@ from amaranth.lib.wiring import In, Out
 
 from firmware.memmap import OFFSET_BITS, PORT_ADDR_BITS, Control, Region, Regs
 from firmware.protocol import (ERROR_CMD, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS, RESPONSE,
-                               STATUS_REGS, SYNC, WATCHDOG_BYTES, Command, ErrorCode)
+                               STATUS_REGS, SYNC, WATCHDOG_BYTES, Command, ErrorCode, windows)
 
 from .config import DEFAULT, AccelConfig
 from .top import host_port
@@ -69,7 +69,9 @@ class LinkController(wiring.Component):
     the executor is dropped.
 
     Executing (checks in the order of `host.protocol.serve`: unknown command, bad
-    length, running): WRITE does one port write per word per cycle before the response
+    length, bad address, running; the address check compares the range's first and last
+    offsets with constants of the region's `firmware.protocol.Window`, before any word
+    is written): WRITE does one port write per word per cycle before the response
     goes out; START and ABORT write CONTROL; IDENTIFY, STATUS and READ read a word from
     the port while the previous word's last byte is being sent, computing the response's
     CRC on the fly, so a response leaves with no gaps between bytes. Responses echo
@@ -82,6 +84,7 @@ class LinkController(wiring.Component):
     def __init__(self, cfg=DEFAULT, timeout=None):
         if not isinstance(cfg, AccelConfig):
             raise TypeError(f"cfg must be an AccelConfig, not {cfg!r}")
+        self._cfg = cfg
         self._timeout = timeout_cycles(divisor_for(cfg)) if timeout is None else timeout
         if self._timeout < 1:
             raise ValueError(f"timeout must be a positive number of cycles, not {timeout!r}")
@@ -184,9 +187,22 @@ class LinkController(wiring.Component):
         is_cmd = {c: r_cmd == c.value for c in Command}
         count = r_head[32:48]
         addr = r_head[:PORT_ADDR_BITS]
-        last = Signal(PORT_ADDR_BITS)
-        m.d.comb += last.eq(addr + count - 1)
-        regs_only = (addr[OFFSET_BITS:] == Region.REGS) & (last[OFFSET_BITS:] == Region.REGS)
+        region, first = addr[OFFSET_BITS:], addr[:OFFSET_BITS]
+        # the range's last offset (one past the region when it runs out of it); the
+        # count is checked by good_len first: 1..256
+        last = Signal(OFFSET_BITS + 1)
+        m.d.comb += last.eq(first + Mux(is_cmd[Command.WRITE], (r_len - 4) >> 2, count) - 1)
+        good_addr = Signal()        # `firmware.protocol.address_ok`
+        with m.Switch(region):
+            for reg, w in windows(self._cfg).items():
+                with m.Case(reg):
+                    ok = last < w.limit
+                    if w.gapped:        # a range must not cross a word's missing chunks
+                        ok &= ((first >> w.chunk_bits) == (last >> w.chunk_bits)) & \
+                              (last[:w.chunk_bits] < w.chunks)
+                    if not w.writable:
+                        ok &= ~is_cmd[Command.WRITE]
+                    m.d.comb += good_addr.eq(ok)
         good_len = Mux(is_cmd[Command.WRITE], (r_len >= 8) & (r_len[:2] == 0),
                    Mux(is_cmd[Command.READ], (r_len == 6) & (count >= 1) & (count <= MAX_WORDS),
                    Mux(is_cmd[Command.START], r_len == 2, r_len == 0)))
@@ -195,9 +211,12 @@ class LinkController(wiring.Component):
             m.d.comb += err.eq(ErrorCode.UNKNOWN_COMMAND)
         with m.Elif(~good_len):
             m.d.comb += err.eq(ErrorCode.BAD_LENGTH)
+        with m.Elif((is_cmd[Command.WRITE] | is_cmd[Command.READ]) & ~good_addr):
+            m.d.comb += err.eq(ErrorCode.BAD_ADDRESS)
         with m.Elif(self.running & is_cmd[Command.START]):
             m.d.comb += err.eq(ErrorCode.START_WHILE_RUNNING)
-        with m.Elif(self.running & (is_cmd[Command.WRITE] | is_cmd[Command.READ] & ~regs_only)):
+        # a good range lies inside one region: READ while running needs it to be REGS
+        with m.Elif(self.running & (is_cmd[Command.WRITE] | is_cmd[Command.READ] & (region != Region.REGS))):
             m.d.comb += err.eq(ErrorCode.RUNNING)
 
         # --- the frame as the executor holds it -------------------------------------------

@@ -11,8 +11,8 @@ and the device's side as a pure function of a host port.
   `ProtocolError` with its `ErrorCode`) and `parse_identify`, `parse_read`,
   `parse_status` decode the payloads.
 - `serve(frame, port)` is the device: it answers one request frame from a host port
-  (``read(address)``, ``write(address, word)``, ``running``) with the response bytes, or
-  None for a frame the device drops. The `model` device serves exactly these bytes; the
+  (``read(address)``, ``write(address, word)``, ``running``, ``cfg``) with the response
+  bytes, or None for a frame the device drops. The `model` device serves exactly these bytes; the
   gateware (`gateware/link.py`) serves the same.
 """
 
@@ -23,7 +23,7 @@ import struct
 from firmware.memmap import OFFSET_BITS, PORT_ADDR_BITS, Control, Region, Regs
 from firmware.protocol import (ERROR_CMD, HEADER_BYTES, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS,
                                OVERHEAD_BYTES, RESPONSE, STATUS_REGS, SYNC, WATCHDOG_BYTES,
-                               Command, ErrorCode)
+                               Command, ErrorCode, address_ok)
 
 __all__ = ["SYNC", "MAX_PAYLOAD", "MAX_WORDS", "WATCHDOG_BYTES", "HEADER_BYTES", "OVERHEAD_BYTES",
            "Command", "ERROR_CMD", "RESPONSE", "ErrorCode", "ProtocolError", "LinkError", "Frame",
@@ -265,19 +265,16 @@ def _reg(reg):
     return Region.REGS.value << OFFSET_BITS | reg
 
 
-def _is_regs(address, count):
-    """Every address of ``address .. address + count - 1`` in the REGS region."""
-    return all(((address + i) & _ADDR_MASK) >> OFFSET_BITS == Region.REGS.value for i in (0, count - 1))
-
-
-def serve(frame, port):
+def serve(frame, port, cfg=None):
     """The device's response bytes to one request (a Frame, or a whole frame's bytes), or
     None when the device drops it (bytes that are not a valid frame). ``port`` is the
-    host port: ``read(address)``, ``write(address, word)`` and ``running``.
+    host port: ``read(address)``, ``write(address, word)``, ``running`` and ``cfg`` (the
+    AccelConfig whose address map it serves, unless ``cfg`` is given).
 
-    Checks, in order: an unknown command (error 1), a bad length (error 2), then the
-    running restrictions (START: error 4; WRITE, READ outside REGS: error 3). Addresses
-    are taken modulo 2**PORT_ADDR_BITS."""
+    Checks, in order: an unknown command (error 1), a bad length (error 2), a WRITE or
+    READ reaching outside one region's memory (error 5, `firmware.protocol.address_ok`),
+    then the running restrictions (START: error 4; WRITE, READ outside REGS: error 3).
+    A refused request touches nothing. Addresses are taken modulo 2**PORT_ADDR_BITS."""
     if not isinstance(frame, Frame):
         frame = decode_frame(frame)
         if frame is None:
@@ -319,14 +316,15 @@ def serve(frame, port):
             return fail(ErrorCode.START_WHILE_RUNNING)
         port.write(_reg(Regs.CONTROL), Control.START | (p[0] | p[1] << 8) << 16)
         return ok()
-    address = struct.unpack_from("<I", p)[0]
-    if cmd is Command.READ:
-        count = p[4] | p[5] << 8
-        if running and not _is_regs(address, count):
-            return fail(ErrorCode.RUNNING)
-        return ok(port.read((address + i) & _ADDR_MASK) for i in range(count))
-    if running:
+    address = struct.unpack_from("<I", p)[0] & _ADDR_MASK
+    count = p[4] | p[5] << 8 if cmd is Command.READ else (n - 4) // 4
+    if not address_ok(address, count, cmd is Command.WRITE, port.cfg if cfg is None else cfg):
+        return fail(ErrorCode.BAD_ADDRESS)
+    # a good range lies inside one region
+    if running and (cmd is Command.WRITE or address >> OFFSET_BITS != Region.REGS.value):
         return fail(ErrorCode.RUNNING)
+    if cmd is Command.READ:
+        return ok(port.read(address + i) for i in range(count))
     for i, w in enumerate(_unpack_words(p[4:])):
-        port.write((address + i) & _ADDR_MASK, w)
+        port.write(address + i, w)
     return ok()

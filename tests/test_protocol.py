@@ -7,7 +7,9 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from firmware.memmap import ID_MAGIC, Region, Regs, Status, address
+from firmware.memmap import (ID_MAGIC, OFFSET_BITS, WRITABLE, Region, Regs, Status, address, chunk_bits,
+                             region_words, word_bits)
+from firmware.protocol import address_ok, windows
 from gateware.config import DEFAULT
 from host import protocol as P
 from host.protocol import Command, ErrorCode, Frame, FrameParser
@@ -184,6 +186,8 @@ def test_response_checks():
 class FakePort:
     """A port of a dict, recording every access."""
 
+    cfg = DEFAULT
+
     def __init__(self, running=False):
         self.mem, self.running, self.log = {}, running, []
 
@@ -254,11 +258,17 @@ def test_serve_running_restrictions():
     assert error_of(ask(port, P.write(1, prog, [1])), Command.WRITE) == ErrorCode.RUNNING
     assert error_of(ask(port, P.read(1, prog, 1)), Command.READ) == ErrorCode.RUNNING
     assert error_of(ask(port, P.start(1, 0)), Command.START) == ErrorCode.START_WHILE_RUNNING
-    assert error_of(ask(port, P.write(1, REG[Regs.CONTROL], [2])), Command.WRITE) == ErrorCode.RUNNING
+    assert error_of(ask(port, P.write(1, address(Region.ADAPTERS, 0, DEFAULT), [2])), Command.WRITE) \
+        == ErrorCode.RUNNING
+    # the address check comes first: REGS is never written by WRITE
+    assert error_of(ask(port, P.write(1, REG[Regs.CONTROL], [2])), Command.WRITE) == ErrorCode.BAD_ADDRESS
+    assert error_of(ask(port, P.read(1, prog + DEFAULT.program_words, 1)), Command.READ) \
+        == ErrorCode.BAD_ADDRESS
     assert port.log == []
     assert ask(port, P.identify(2)).cmd == Command.IDENTIFY | P.RESPONSE
     assert ask(port, P.status(2)).cmd == Command.STATUS | P.RESPONSE
     assert P.parse_read(ask(port, P.read(2, REG[Regs.ID], len(Regs))).payload, len(Regs)) == list(range(len(Regs)))
+    assert error_of(ask(port, P.read(2, REG[Regs.LFSR], 2)), Command.READ) == ErrorCode.BAD_ADDRESS
     assert ask(port, P.abort(2)) == Frame(Command.ABORT | P.RESPONSE, 2)
     assert ("w", REG[Regs.CONTROL], 2) in port.log
 
@@ -278,3 +288,137 @@ def test_serve_machine():
     st_ = P.parse_status(ask(m, P.status(3)).payload)
     assert st_.status & Status.DONE and not st_.status & Status.RUNNING
     assert st_.index == 6
+
+
+# ---------------------------------------------------------------- BAD_ADDRESS -------
+
+GAPPED = DEFAULT.replace(array_cols=6)      # BIASES: 6 chunks of 8, LOGITS: 3 of 4
+
+
+def valid_offsets_brute(region, write, cfg):
+    """Every offset of ``region`` a WRITE (``write``) or READ may reach, from
+    firmware.memmap alone."""
+    try:
+        region = Region(region)
+    except ValueError:
+        return set()
+    if write and (region not in WRITABLE or region is Region.REGS):
+        return set()
+    cb, chunks = chunk_bits(region, cfg), -(-word_bits(region, cfg) // 32)
+    return {w << cb | c for w in range(region_words(region, cfg)) for c in range(chunks)}
+
+
+@pytest.mark.parametrize("cfg", [DEFAULT, GAPPED], ids=["default", "gapped"])
+def test_address_ok_matches_brute_force(cfg):
+    """address_ok accepts a range exactly when every address of it is a valid offset
+    of the first address's region (a range cannot leave its region)."""
+    rnd = random.Random(5)
+    for region in range(16):
+        for write in (False, True):
+            valid = valid_offsets_brute(region, write, cfg)
+            top = max(valid, default=0)
+            firsts = {0, 1, top, top + 1, top - 1, (1 << OFFSET_BITS) - 1, 5000}
+            firsts |= {rnd.randrange(top + 300) for _ in range(30)}
+            for first in sorted(f for f in firsts if 0 <= f < 1 << OFFSET_BITS):
+                for count in {1, 2, 3, 7, 8, 9, 256, rnd.randint(1, 256)}:
+                    want = all(o in valid for o in range(first, first + count))
+                    got = address_ok(region << OFFSET_BITS | first, count, write, cfg)
+                    assert got == want, (region, write, first, count)
+
+
+class Snapshot:
+    """Every memory and the status of a Machine, to compare before and after."""
+
+    def __init__(self, m):
+        self.arrays = [a.copy() for a in (m.program, m.samples, m.labels, m.weights, m.biases,
+                                          m.adapters, m.results, m.act, m.logits)]
+        self.status, self.staging = m.status, list(m._staging)
+
+    def __eq__(self, other):
+        return (all((a == b).all() for a, b in zip(self.arrays, other.arrays))
+                and (self.status, self.staging) == (other.status, other.staging))
+
+
+def test_serve_region_bounds_on_machine():
+    """Each region's first and last valid offsets are served; one past the end and a
+    range running past it are refused with BAD_ADDRESS (WRITE and READ) and touch
+    nothing; WRITE to the read-only regions (REGS, RESULTS, LOGITS) is refused."""
+    from sim.machine import Machine
+
+    m = Machine(DEFAULT)
+    for region, w in windows(DEFAULT).items():
+        last = w.limit - 1
+        base = region.value << OFFSET_BITS
+        if w.writable:
+            # whole words: their chunks in order, the last one commits
+            n = 1 << w.chunk_bits
+            for first in (0, w.limit - n):
+                words = [0x1000 * region.value + first + k for k in range(n)]
+                assert ask(m, P.write(1, base + first, words)).cmd == Command.WRITE | P.RESPONSE
+                if region not in (Region.WEIGHTS, Region.BIASES):       # write only
+                    got = P.parse_read(ask(m, P.read(2, base + first, n)).payload, n)
+                    assert got == words, region
+        else:
+            assert error_of(ask(m, P.write(1, base, [1])), Command.WRITE) == ErrorCode.BAD_ADDRESS
+        for first, count in ((0, 1), (last, 1), (0, min(256, w.limit)), (max(0, w.limit - 256), min(256, w.limit))):
+            assert ask(m, P.read(3, base + first, count)).cmd == Command.READ | P.RESPONSE, (region, first)
+        before = Snapshot(m)
+        for first, count in ((w.limit, 1), (last, 2), (max(0, w.limit - 255), 256), ((1 << OFFSET_BITS) - 1, 2)):
+            assert error_of(ask(m, P.read(4, base + first, count)), Command.READ) == ErrorCode.BAD_ADDRESS
+            assert error_of(ask(m, P.write(5, base + first, [7] * count)), Command.WRITE) == ErrorCode.BAD_ADDRESS
+        assert Snapshot(m) == before, region
+
+
+def test_serve_refuses_wraps_and_undefined_regions():
+    """Addresses that an Amaranth memory would wrap onto other words (PROGRAM offset
+    5000 of 1024 words, a chunk past a wide word's chunks, a range running off the
+    top of the address space) and the undefined regions 10..15 are refused."""
+    from sim.machine import Machine
+
+    m = Machine(DEFAULT)
+    prog = address(Region.PROGRAM, 0, DEFAULT)
+    ask(m, P.write(1, prog + 5000 % DEFAULT.program_words, [0x1234]))
+    before = Snapshot(m)
+    port_top = (1 << 28) - 1
+    refused = [(prog + 5000, 1), (prog + DEFAULT.program_words - 3, 4), (port_top, 2),
+               (address(Region.LABELS, DEFAULT.max_samples, DEFAULT), 1)]
+    refused += [(r << OFFSET_BITS, 1) for r in range(10, 16)]
+    for a, n in refused:
+        for frame, cmd in ((P.write(2, a, [0xBAD] * n), Command.WRITE), (P.read(3, a, n), Command.READ)):
+            assert error_of(ask(m, frame), cmd) == ErrorCode.BAD_ADDRESS, (hex(a), n, cmd)
+    assert Snapshot(m) == before
+    assert m.program[5000 % DEFAULT.program_words] == 0x1234
+    # address bits 31..28 are ignored, here as everywhere
+    assert P.parse_read(ask(m, P.read(4, 0xF0000000 | prog + 5000 % DEFAULT.program_words, 1)).payload, 1) \
+        == [0x1234]
+    # a gapped wide word (6 chunks at 8 chunk numbers): chunk 6 and ranges over it are refused
+    port = FakePort()
+    port.cfg = GAPPED
+    biases = address(Region.BIASES, 3, GAPPED)
+    assert ask(port, P.write(5, biases, list(range(6)))).cmd == Command.WRITE | P.RESPONSE
+    for a, n in ((biases + 6, 1), (biases + 7, 1), (biases, 7), (biases + 5, 4)):
+        assert error_of(ask(port, P.write(6, a, [1] * n)), Command.WRITE) == ErrorCode.BAD_ADDRESS
+    assert len(port.log) == 6
+
+
+def test_serve_error_order():
+    """Bad length before bad address before running."""
+    port = FakePort(running=True)
+    bad = 0x0A000000
+    assert error_of(ask(port, P.encode_frame(Command.READ, 1, struct.pack("<IH", bad, 0))), Command.READ) \
+        == ErrorCode.BAD_LENGTH
+    assert error_of(ask(port, P.read(2, bad, 1)), Command.READ) == ErrorCode.BAD_ADDRESS
+    assert error_of(ask(port, P.write(3, bad, [1])), Command.WRITE) == ErrorCode.BAD_ADDRESS
+    assert port.log == []
+
+
+def test_docs_address_table():
+    """docs/protocol.md's table of valid offsets is windows(DEFAULT)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    rows = re.findall(r"^\| (\d+) (\w+) \| 0\.\.(\d+)[^|]*\| (yes|no) \|$", text, re.M)
+    assert [(int(n), name, int(top), yes == "yes") for n, name, top, yes in rows] == \
+        [(r.value, r.name, w.limit - 1, w.writable) for r, w in windows(DEFAULT).items()]
+    assert "| 5 | bad address" in text

@@ -9,7 +9,8 @@ import pytest
 from amaranth import Module
 from amaranth.lib import wiring
 
-from firmware.memmap import Region, Regs, address
+from firmware.memmap import OFFSET_BITS, Region, Regs, address
+from firmware.protocol import address_ok, windows
 from gateware.config import DEFAULT
 from gateware.device import SIM_DIVISOR, Device
 from gateware.link import LinkController
@@ -141,9 +142,9 @@ class FakePort:
     """The host port as `host.protocol.serve` sees it: a dict of words (REGS preset) and
     the ``running`` flag; records every write."""
 
-    def __init__(self, running=False):
+    def __init__(self, running=False, cfg=DEFAULT):
         self.mem = {_reg(r): 0x1000 + r for r in Regs}
-        self.running = running
+        self.running, self.cfg = running, cfg
         self.writes = []
 
     def read(self, address):
@@ -162,14 +163,14 @@ TIMEOUT = 400
 LATENCY = 3
 
 
-def run_link(requests, gap=3, stall=0.0, seed=0, max_cycles=400_000):
+def run_link(requests, gap=3, stall=0.0, seed=0, max_cycles=400_000, cfg=DEFAULT):
     """Sends each of ``requests`` ((bytes, running, wait) with ``wait``: wait for the
     response(s) so far before the next) to a LinkController whose port is a FakePort,
     ``gap`` idle cycles between bytes; the transmitter is not ready with probability
     ``stall``. Returns (response bytes, the port, {request index: cycle of its last
     byte}, [cycle of each response byte])."""
-    dut = LinkController(DEFAULT, timeout=TIMEOUT)
-    port = FakePort()
+    dut = LinkController(cfg, timeout=TIMEOUT)
+    port = FakePort(cfg=cfg)
     rng = random.Random(seed)
     out, out_cycles, last_byte = [], [], {}
     now = [0]
@@ -214,11 +215,11 @@ def run_link(requests, gap=3, stall=0.0, seed=0, max_cycles=400_000):
     return bytes(out), port, last_byte, out_cycles
 
 
-def expected(requests):
+def expected(requests, cfg=DEFAULT):
     """`host.protocol.serve`'s responses to ``requests`` ((frame, running) pairs; a frame
     that is a list with pauses is one the device must drop), the response bytes due
     after each request, and its port."""
-    ref, out, due = FakePort(), b"", []
+    ref, out, due = FakePort(cfg=cfg), b"", []
     for frame, running in requests:
         ref.running = running
         if isinstance(frame, bytes):
@@ -231,7 +232,7 @@ def exchange(requests, **kw):
     """Runs ``requests`` (frame, running), each after the responses to those before it,
     and checks the response bytes and the port writes against `host.protocol.serve`.
     Returns the cycles of each request's last byte and of each response byte."""
-    want, due, ref = expected(requests)
+    want, due, ref = expected(requests, kw.get("cfg", DEFAULT))
     got, port, last, cycles = run_link([(f, r, n) for (f, r), n in zip(requests, due)], **kw)
     assert got == want
     assert port.writes == ref.writes
@@ -276,6 +277,42 @@ def test_link_errors():
         (hp.identify(14), True), (hp.status(15), True), (hp.abort(16), True),
     ]
     exchange(reqs)
+
+
+def bad_address_requests(cfg):
+    """WRITEs and READs at each region's edges: the last valid ranges, one past the end,
+    ranges running past it or off the top of the address space, the undefined regions,
+    WRITE to the read-only regions, chunks past a wide word's; some while running."""
+    reqs, seq = [], 0
+    for region, w in windows(cfg).items():
+        base = region.value << OFFSET_BITS
+        n = 1 << w.chunk_bits if not w.gapped else w.chunks
+        for first, count in ((0, n), (w.limit - (1 << w.chunk_bits), n), (w.limit, 1),
+                             (w.limit - 1, 2), (w.limit - 255, 256), ((1 << OFFSET_BITS) - 1, 2),
+                             (w.chunks, 1), ((1 << w.chunk_bits) - 1, 2)):
+            if not 0 <= first < 1 << OFFSET_BITS:
+                continue
+            seq += 1
+            reqs += [(hp.write(seq, base + first, [seq << 8 | k for k in range(count)]), False),
+                     (hp.read(seq, base + first, count), False)]
+    for a in (0x0A000000, 0x0F000000, 0x0FFFFFFF, 0xF1000000 | 5000, 0xF1000000 | 1023):
+        reqs += [(hp.write(1, a, [1, 2]), False), (hp.read(2, a, 1), False)]
+    reqs += [(hp.write(3, _reg(Regs.CONTROL), [1]), True), (hp.read(4, _reg(Regs.LFSR), 2), True),
+             (hp.read(5, 0x0B000000, 1), True), (hp.write(6, address(Region.PROGRAM, 2000, cfg), [1]), True)]
+    return reqs
+
+
+@pytest.mark.parametrize("cfg", [DEFAULT, DEFAULT.replace(array_cols=6)], ids=["default", "gapped"])
+def test_link_bad_address(cfg):
+    """BAD_ADDRESS: the hardware's bytes and port writes equal serve's; the refused
+    WRITEs write nothing."""
+    reqs = bad_address_requests(cfg)
+    want, _, ref = expected(reqs, cfg)
+    codes = [f.payload[1] for f in hp.FrameParser().feed(want) if f.cmd == hp.ERROR_CMD]
+    assert codes.count(hp.ErrorCode.BAD_ADDRESS) > len(reqs) // 3
+    # only the accepted WRITEs reached the port, each within its region's window
+    assert ref.writes and all(address_ok(a, 1, True, cfg) for a, _ in ref.writes)
+    exchange(reqs, gap=0, cfg=cfg)
 
 
 def test_link_drops_bad_frames():
