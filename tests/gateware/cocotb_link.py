@@ -192,3 +192,33 @@ async def status_words(dut):
     regs = await uart.read(address(Region.REGS, Regs.STATUS, CFG), 1)
     assert status.status == regs[0]
     assert len(await uart.request(hp.status(4), hp.Command.STATUS)) == 32
+
+
+@cocotb.test()
+async def bad_address(dut):
+    """WRITEs and READs outside a region's memory get BAD_ADDRESS and write nothing: a
+    range past PROGRAM's end, an offset the memory would wrap onto word 904, a WRITE to
+    RESULTS and to REGS, an undefined region."""
+    uart = await setup(dut)
+    words = CFG.program_words
+    await uart.write(prog(0), [0x600D0000])
+    await uart.write(prog(5000 % words), [0x600D0001])
+    await uart.write(prog(words - 1), [0x600D0002])
+    cases = [(hp.write(1, prog(words - 1), [0xBAD, 0xBAD]), hp.Command.WRITE),
+             (hp.write(2, prog(5000), [0xBAD]), hp.Command.WRITE),
+             (hp.write(3, address(Region.RESULTS, 0, CFG), [0xBAD]), hp.Command.WRITE),
+             (hp.write(4, address(Region.REGS, Regs.CONTROL, CFG), [1]), hp.Command.WRITE),
+             (hp.read(5, prog(words - 1), 2), hp.Command.READ),
+             (hp.read(6, 0x0A000000, 1), hp.Command.READ)]
+    for frame, cmd in cases:
+        try:
+            await uart.request(frame, cmd)
+        except hp.ProtocolError as e:
+            assert e.cmd == cmd and e.code == hp.ErrorCode.BAD_ADDRESS, e
+        else:
+            raise AssertionError(f"no error response to {frame.hex()}")
+    assert await uart.read(prog(0), 1) == [0x600D0000]
+    assert await uart.read(prog(5000 % words), 1) == [0x600D0001]
+    assert await uart.read(prog(words - 1), 1) == [0x600D0002]
+    status = hp.parse_status(await uart.request(hp.status(7), hp.Command.STATUS))
+    assert status.status == 0
