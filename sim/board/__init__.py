@@ -11,6 +11,12 @@ design sends on `tx` come back out of the pty. It waits in poll() when nothing i
 flight and the design's `running` output is low, exits when the pty's user closes it (or
 on SIGTERM), and reports its speed on stderr (`Board.stats` after `close()`).
 
+``launch(cfg, faults=RATE, seed=N)`` makes the link unreliable (``--link-faults``,
+``--fault-seed``): per byte and direction, with probability RATE a bit flip, a dropped
+or a duplicated byte, and with probability RATE/10 a cut of 1..20 bytes, from a seeded
+PRNG. The counts per kind and direction are in ``Board.stats["faults"]``
+(``{"h2d": {"flip": n, "drop": n, "dup": n, "cut": n, "cut_bytes": n}, "d2h": ...}``).
+
 The top level must have the ports clk, rst (the sync domain), rx (in), tx and running
 (out): `gateware.device.Device(cfg, divisor=...)` by default, or any component with those
 members (the tests use a loopback). Like `sim.rtl`, this module imports the gateware
@@ -185,19 +191,34 @@ def build(cfg, component=None, divisor=4):
     return exe
 
 
+_FAULTS = re.compile(r"board: faults (.*)$")
 _STATS = re.compile(r"board: cycles=(\d+) seconds=([\d.]+) active_seconds=([\d.]+) "
                     r"cycles_per_second=([\d.]+)")
+
+
+def _parse_faults(text):
+    """``h2d flip=1 drop=2 ... d2h flip=...`` as {direction: {kind: count}}."""
+    out, current = {}, None
+    for word in text.split():
+        if "=" in word and current is not None:
+            k, v = word.split("=", 1)
+            current[k] = int(v)
+        else:
+            current = out.setdefault(word, {})
+    return out
 
 
 class Board:
     """A running simulated board: ``path`` (the pty to open), ``process``; ``close()``
     terminates it. After close, ``stats`` holds its report (cycles, seconds,
-    active_seconds, cycles_per_second) and ``log`` its stderr lines."""
+    active_seconds, cycles_per_second, and ``faults`` on a faulty link) and ``log`` its
+    stderr lines."""
 
     def __init__(self, exe, args=(), echo=True):
         self.exe = Path(exe)
         self.log = []
         self.stats = None
+        self._faults = None
         self._echo = echo
         self.process = subprocess.Popen([str(self.exe), *args], stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -217,10 +238,17 @@ class Board:
             line = line.rstrip("\n")
             self.log.append(line)
             match = _STATS.search(line)
+            faults = _FAULTS.search(line)
             if match:
                 c, s, a, r = match.groups()
                 self.stats = {"cycles": int(c), "seconds": float(s),
                               "active_seconds": float(a), "cycles_per_second": float(r)}
+                if self._faults is not None:
+                    self.stats["faults"] = self._faults
+            elif faults:
+                self._faults = _parse_faults(faults.group(1))
+                if self._echo:
+                    print(line, file=sys.stderr, flush=True)
             elif self._echo:
                 print(line, file=sys.stderr, flush=True)
 
@@ -247,13 +275,19 @@ class Board:
         return f"Board({self.path!r}, pid={self.process.pid})"
 
 
-def launch(cfg, component=None, divisor=4, idle_cycles=None):
-    """Build (or reuse) and start the simulated board; returns a `Board`."""
+def launch(cfg, component=None, divisor=4, idle_cycles=None, faults=0.0, seed=0):
+    """Build (or reuse) and start the simulated board; returns a `Board`. ``faults``: the
+    link's fault rate per byte (0..1), ``seed`` its PRNG's seed."""
+    faults = float(faults)
+    if not 0.0 <= faults <= 1.0:
+        raise ValueError(f"faults is a rate per byte in 0..1, not {faults}")
     exe = build(cfg, component, divisor)
     # --parent: a board whose host died without closing it exits at its next idle poll.
     args = ["--divisor", str(int(divisor)), "--parent", str(os.getpid())]
     if idle_cycles is not None:
         args += ["--idle-cycles", str(int(idle_cycles))]
+    if faults:
+        args += ["--link-faults", repr(faults), "--fault-seed", str(int(seed))]
     return Board(exe, args)
 
 

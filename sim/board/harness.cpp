@@ -2,6 +2,7 @@
 // whose UART pins are bridged to a pseudo-terminal.
 //
 //   board [--divisor N] [--idle-cycles N] [--parent PID] [--bench N]
+//         [--link-faults RATE] [--fault-seed N]
 //
 // Prints the pty's slave path on stdout (one line, nothing else ever goes to stdout),
 // then runs the clock: rst is held for the first cycles (rx idle for a few more), bytes
@@ -16,6 +17,14 @@
 //
 // (R = cycles run while not waiting in poll() / A). --bench N runs N cycles with the
 // UART idle, without a pty, prints the same line and exits.
+//
+// --link-faults RATE makes the link unreliable, from a PRNG seeded by --fault-seed (one
+// stream per direction): each byte, host -> device and device -> host, is with
+// probability RATE bit-flipped (one random bit), dropped or duplicated (one of the three
+// at random), and with probability RATE/10 starts a cut (it and the next 0..19 bytes are
+// dropped). At exit the counts are reported before the cycle line:
+//
+//   board: faults h2d flip=N drop=N dup=N cut=N cut_bytes=N d2h flip=N ...
 
 #include <cerrno>
 #include <chrono>
@@ -154,6 +163,55 @@ struct Deserializer {
     bool busy() const { return bit >= 0; }
 };
 
+// Byte faults of one direction of the link (see the header).
+struct Faults {
+    double rate = 0;
+    uint64_t state = 1;
+    uint64_t flip = 0, drop = 0, dup = 0, cut = 0, cut_bytes = 0;
+    int cutting = 0;     // bytes of the current cut still to drop
+
+    Faults(double r, uint64_t seed) : rate(r) {
+        // splitmix64 of the seed: never zero for xorshift
+        uint64_t z = seed + 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        state = (z ^ (z >> 31)) | 1;
+    }
+    uint64_t next() {    // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        return state * 2685821657736338717ull;
+    }
+    double uniform() { return (double)(next() >> 11) * (1.0 / 9007199254740992.0); }
+
+    // Passes `byte` through the faults to `push` (zero, one or two bytes).
+    template <class Push>
+    void apply(uint8_t byte, Push push) {
+        if (rate <= 0) { push(byte); return; }
+        if (cutting > 0) { --cutting; ++cut_bytes; return; }
+        if (uniform() < rate / 10) {
+            ++cut;
+            ++cut_bytes;
+            cutting = (int)(next() % 20);
+            return;
+        }
+        if (uniform() < rate) {
+            switch (next() % 3) {
+            case 0: ++flip; push((uint8_t)(byte ^ (1u << (next() % 8)))); return;
+            case 1: ++drop; return;
+            default: ++dup; push(byte); push(byte); return;
+            }
+        }
+        push(byte);
+    }
+    void print(const char* name) const {
+        std::fprintf(stderr, " %s flip=%llu drop=%llu dup=%llu cut=%llu cut_bytes=%llu", name,
+                     (unsigned long long)flip, (unsigned long long)drop, (unsigned long long)dup,
+                     (unsigned long long)cut, (unsigned long long)cut_bytes);
+    }
+};
+
 void report(const Board& b, Clock::time_point start, double waited) {
     double total = seconds_since(start);
     double active = total - waited;
@@ -205,6 +263,34 @@ long parse_arg(int& i, int argc, char** argv) {
     return v;
 }
 
+double parse_rate(int& i, int argc, char** argv) {
+    if (i + 1 >= argc) {
+        std::fprintf(stderr, "board: %s needs a value\n", argv[i]);
+        std::exit(2);
+    }
+    char* end;
+    double v = std::strtod(argv[++i], &end);
+    if (*end || !(v >= 0 && v <= 1)) {
+        std::fprintf(stderr, "board: bad value for %s: %s (a rate in 0..1)\n", argv[i - 1], argv[i]);
+        std::exit(2);
+    }
+    return v;
+}
+
+uint64_t parse_seed(int& i, int argc, char** argv) {
+    if (i + 1 >= argc) {
+        std::fprintf(stderr, "board: %s needs a value\n", argv[i]);
+        std::exit(2);
+    }
+    char* end;
+    unsigned long long v = std::strtoull(argv[++i], &end, 0);
+    if (*end || !*argv[i]) {
+        std::fprintf(stderr, "board: bad value for %s: %s\n", argv[i - 1], argv[i]);
+        std::exit(2);
+    }
+    return (uint64_t)v;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -212,11 +298,15 @@ int main(int argc, char** argv) {
     uint64_t idle_cycles = 50000;
     uint64_t bench = 0;
     pid_t parent = 0;
+    double fault_rate = 0;
+    uint64_t fault_seed = 0;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--divisor")) divisor = (int)parse_arg(i, argc, argv);
         else if (!std::strcmp(argv[i], "--idle-cycles")) idle_cycles = parse_arg(i, argc, argv);
         else if (!std::strcmp(argv[i], "--bench")) bench = parse_arg(i, argc, argv);
         else if (!std::strcmp(argv[i], "--parent")) parent = (pid_t)parse_arg(i, argc, argv);
+        else if (!std::strcmp(argv[i], "--link-faults")) fault_rate = parse_rate(i, argc, argv);
+        else if (!std::strcmp(argv[i], "--fault-seed")) fault_seed = parse_seed(i, argc, argv);
         else { std::fprintf(stderr, "board: unknown argument %s\n", argv[i]); return 2; }
     }
 
@@ -245,6 +335,7 @@ int main(int argc, char** argv) {
 
     Serializer ser{divisor};
     Deserializer des{divisor};
+    Faults h2d(fault_rate, fault_seed), d2h(fault_rate, ~fault_seed);
     std::vector<uint8_t> out;
     std::vector<uint8_t> buf(4096);
     bool seen_open = false;
@@ -262,7 +353,8 @@ int main(int argc, char** argv) {
             ssize_t n = read(fd, buf.data(), buf.size());
             if (n > 0) {
                 seen_open = true;
-                ser.queue.insert(ser.queue.end(), buf.begin(), buf.begin() + n);
+                for (ssize_t k = 0; k < n; ++k)
+                    h2d.apply(buf[k], [&](uint8_t b) { ser.queue.push_back(b); });
             } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
                 seen_open = true;                    // a client has the slave open
             } else if (n < 0 && errno == EIO) {      // nobody has the slave open
@@ -297,7 +389,7 @@ int main(int argc, char** argv) {
         for (uint64_t n = 0; n < burst; ++n) {
             int tx = board.step(board.cycles < STARTUP_CYCLES ? 1 : ser.next());
             int byte = des.feed(tx);
-            if (byte >= 0) out.push_back((uint8_t)byte);
+            if (byte >= 0) d2h.apply((uint8_t)byte, [&](uint8_t b) { out.push_back(b); });
         }
         if (ser.busy() || des.busy() || !out.empty() || board.top->running ||
             board.cycles <= STARTUP_CYCLES) {
@@ -311,6 +403,12 @@ int main(int argc, char** argv) {
     if (des.framing_errors)
         std::fprintf(stderr, "board: %llu framing errors on tx\n",
                      (unsigned long long)des.framing_errors);
+    if (fault_rate > 0) {
+        std::fprintf(stderr, "board: faults");
+        h2d.print("h2d");
+        d2h.print("d2h");
+        std::fprintf(stderr, "\n");
+    }
     report(board, start, waited);
     close(fd);
     return 0;
