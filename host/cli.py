@@ -54,6 +54,10 @@ class Progress:
 def _add_device(p):
     p.add_argument("--device", default="model", help=f"device to run on ({', '.join(DEVICES)}, or a serial port such as /dev/ttyUSB0; default model)")
     p.add_argument("--port", metavar="PATH", help="serial port of the serial device (e.g. /dev/ttyUSB0)")
+    p.add_argument("--link-faults", type=float, default=0.0, metavar="RATE",
+                   help="rtl device only: corrupt, drop, duplicate or cut the link's bytes at this rate "
+                        "per byte and direction (the host retries)")
+    p.add_argument("--fault-seed", type=int, default=0, metavar="N", help="seed of --link-faults (default 0)")
 
 
 def _add_common(p):
@@ -111,7 +115,11 @@ _opened = []
 
 def _open(args):
     """The device of ``--device`` / ``--port``; `main` closes it."""
-    dev = open_device(args.device, DEFAULT, args.port)
+    if args.link_faults and args.device != "rtl":
+        raise UsageError(f"--link-faults needs --device rtl (the simulated board), not {args.device}")
+    if not 0 <= args.link_faults <= 1:
+        raise UsageError(f"--link-faults is a rate per byte in 0..1, not {args.link_faults:g}")
+    dev = open_device(args.device, DEFAULT, args.port, args.link_faults, args.fault_seed)
     _opened.append(dev)
     return dev
 
@@ -169,7 +177,8 @@ def cmd_finetune(args):
         "finetune_seconds": res.seconds,
         "frozen_forwards": res.frozen_forwards, "cache_hits": res.cache_hits, "cache_misses": res.cache_misses,
         "macs": res.macs, "cycles": res.cycles, "clock_hz": dev.cfg.clock_hz,
-        "link_bytes": res.link, "baud": dev.cfg.baud,
+        "link_bytes": {k: res.link[k] for k in ("sent", "received")}, "baud": dev.cfg.baud,
+        "link_retries": dict(dev.retry_counts), "link_errors": dict(dev.link_errors),
         "adapters_sha256": res.sha256,
     }
     if args.json:
@@ -191,6 +200,8 @@ def cmd_finetune(args):
                                  f"at {dev.cfg.clock_hz / 1e6:g} MHz")] if res.cycles else []),
             ("link", f"{res.link['sent']} bytes sent, {res.link['received']} received "
                      f"({10 * (res.link['sent'] + res.link['received']) / dev.cfg.baud:.3f} s at {dev.cfg.baud} baud)"),
+            *([("link retries", ", ".join(f"{k} {v}" for k, v in sorted(dev.retry_counts.items())))]
+              if dev.retry_counts else []),
             ("adapters sha256", res.sha256),
         ]))
         if args.save_adapters:

@@ -7,8 +7,10 @@ if none), ``close()``.
 - `ModelTransport(cfg)`: the instruction-level model (`sim.machine.Machine`) behind
   `host.protocol.serve`; a START runs the program to completion inside the Machine, so
   the next STATUS reports it done.
-- `RtlTransport(cfg)`: the simulated board (`sim.board.launch(cfg)`: the gateware in a
-  simulator behind a pseudo-terminal), through a SerialTransport.
+- `RtlTransport(cfg, faults, seed)`: the simulated board (`sim.board.launch(cfg)`: the
+  gateware in a simulator behind a pseudo-terminal), through a SerialTransport;
+  ``faults`` > 0 makes its link drop, corrupt, duplicate and cut bytes at that rate per
+  byte (``board.stats["faults"]`` after close).
 """
 
 import re
@@ -83,7 +85,7 @@ class ModelTransport:
 class RtlTransport:
     """The gateware in a simulator, behind a pseudo-terminal (`sim.board`)."""
 
-    def __init__(self, cfg=DEFAULT):
+    def __init__(self, cfg=DEFAULT, faults=0.0, seed=0):
         try:
             from sim import board
         except ModuleNotFoundError as e:
@@ -91,13 +93,13 @@ class RtlTransport:
                 raise
             raise DeviceError("the simulated board (sim.board) is not available yet") from None
         try:
-            self._board = board.launch(cfg)
-        except (getattr(board, "BoardError", OSError), OSError) as e:
+            self.board = board.launch(cfg, faults=faults, seed=seed)
+        except (getattr(board, "BoardError", OSError), OSError, ValueError) as e:
             raise DeviceError(f"rtl: {e}") from None
         try:
-            self._serial = SerialTransport(self._board.path, cfg.baud)
+            self._serial = SerialTransport(self.board.path, cfg.baud)
         except DeviceError:
-            self._board.close()
+            self.board.close()
             raise
 
     def write(self, data):
@@ -110,4 +112,4 @@ class RtlTransport:
         try:
             self._serial.close()
         finally:
-            self._board.close()
+            self.board.close()
