@@ -451,7 +451,7 @@ def corrupt(data, kind, rnd):
     return bytes(b)
 
 
-def random_request(rnd, seq, cfg=DEFAULT):
+def random_request(rnd, seq, cfg=DEFAULT, max_words=64):
     """A valid request: mostly WRITE bursts of whole words at valid offsets of a
     writable region (PROGRAM from 16 up: 0..15 hold the program START runs), READs of
     any region, START at 0, IDENTIFY, STATUS, ABORT."""
@@ -461,14 +461,14 @@ def random_request(rnd, seq, cfg=DEFAULT):
                              Region.BIASES, Region.ADAPTERS, Region.ACT])
         w = windows(cfg)[region]
         n = 1 << w.chunk_bits
-        words = rnd.randint(1, min(64, 256 // n, w.limit // n - 1)) * n
+        words = rnd.randint(1, min(max_words, 256 // n, w.limit // n - 1)) * n
         lo = 16 if region is Region.PROGRAM else 0
         first = rnd.randrange(lo // n, (w.limit - words) // n + 1) * n
         return P.write(seq, region.value << OFFSET_BITS | first,
                        [rnd.randrange(1 << 32) for _ in range(words)])
     if kind == "read":
         region, w = rnd.choice(list(windows(cfg).items()))
-        count = rnd.randint(1, min(256, w.limit))
+        count = rnd.randint(1, min(4 * max_words, w.limit))
         return P.read(seq, region.value << OFFSET_BITS | rnd.randrange(w.limit - count + 1), count)
     if kind == "start":
         return P.start(seq, 0)
