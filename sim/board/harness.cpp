@@ -249,45 +249,39 @@ int open_pty(std::string& path) {
     return fd;
 }
 
-long parse_arg(int& i, int argc, char** argv) {
+// The value after option argv[i] (i moves onto it), or exit 2 when there is none.
+const char* option_value(int& i, int argc, char** argv) {
     if (i + 1 >= argc) {
         std::fprintf(stderr, "board: %s needs a value\n", argv[i]);
         std::exit(2);
     }
+    return argv[++i];
+}
+
+[[noreturn]] void bad_value(char** argv, int i, const char* what) {
+    std::fprintf(stderr, "board: bad value for %s: %s%s\n", argv[i - 1], argv[i], what);
+    std::exit(2);
+}
+
+long parse_arg(int& i, int argc, char** argv) {
     char* end;
-    long v = std::strtol(argv[++i], &end, 0);
-    if (*end || v <= 0) {
-        std::fprintf(stderr, "board: bad value for %s: %s\n", argv[i - 1], argv[i]);
-        std::exit(2);
-    }
+    long v = std::strtol(option_value(i, argc, argv), &end, 0);
+    if (*end || v <= 0) bad_value(argv, i, "");
     return v;
 }
 
 double parse_rate(int& i, int argc, char** argv) {
-    if (i + 1 >= argc) {
-        std::fprintf(stderr, "board: %s needs a value\n", argv[i]);
-        std::exit(2);
-    }
     char* end;
-    double v = std::strtod(argv[++i], &end);
-    if (*end || !(v >= 0 && v <= 1)) {
-        std::fprintf(stderr, "board: bad value for %s: %s (a rate in 0..1)\n", argv[i - 1], argv[i]);
-        std::exit(2);
-    }
+    double v = std::strtod(option_value(i, argc, argv), &end);
+    if (*end || !(v >= 0 && v <= 1)) bad_value(argv, i, " (a rate in 0..1)");
     return v;
 }
 
 uint64_t parse_seed(int& i, int argc, char** argv) {
-    if (i + 1 >= argc) {
-        std::fprintf(stderr, "board: %s needs a value\n", argv[i]);
-        std::exit(2);
-    }
     char* end;
-    unsigned long long v = std::strtoull(argv[++i], &end, 0);
-    if (*end || !*argv[i]) {
-        std::fprintf(stderr, "board: bad value for %s: %s\n", argv[i - 1], argv[i]);
-        std::exit(2);
-    }
+    const char* text = option_value(i, argc, argv);
+    unsigned long long v = std::strtoull(text, &end, 0);
+    if (*end || !*text) bad_value(argv, i, "");
     return (uint64_t)v;
 }
 

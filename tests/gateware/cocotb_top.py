@@ -24,8 +24,6 @@ CFG = config_from_env()
 EPOCHS = env_int("SKIPTUNE_TOP_EPOCHS", 2)
 INFER = env_int("SKIPTUNE_TOP_INFER", 100)
 MODES = os.environ.get("SKIPTUNE_TOP_MODES", "on,off").split(",")
-SAMPLES = env_int("SKIPTUNE_TOP_SAMPLES", 0)       # 0: the whole fine-tuning set
-BATCH = env_int("SKIPTUNE_TOP_BATCH", 20)
 POLL = 5000
 
 
@@ -130,11 +128,10 @@ async def digits_finetune_and_infer(dut):
     assert await port.reg(Regs.ID) == 0x534B5431
     assert await port.reg(Regs.CONFIG_HASH) == CFG.hash
     model, wl = workload()
-    n = SAMPLES or len(wl.target_train.y)
-    x, y = wl.target_train.x[:n], np.asarray(wl.target_train.y[:n])
+    x, y = wl.target_train.x, np.asarray(wl.target_train.y)
     masters = None
     for mode in MODES:
-        sched = Schedule(epochs=EPOCHS, batch=BATCH, cache=mode != "off",
+        sched = Schedule(epochs=EPOCHS, cache=mode != "off",
                          cache_bits=4 if mode == "on4" else 8)
         program = compile_finetune(model, sched, CFG, len(y))
         t0 = time.perf_counter()
