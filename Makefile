@@ -6,8 +6,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 JOBS   ?= 2
+BOARD  ?= ulx3s-85f
 
-.PHONY: setup demo test test-fast models accuracy-table bench-gemm clean help
+.PHONY: setup demo test test-fast models accuracy-table bench-gemm bitstream flash clean help
 
 help:
 	@echo "make setup           create .venv/ and install skiptune with everything the tests need"
@@ -16,6 +17,8 @@ help:
 	@echo "make models          retrain the shipped base models (deterministic)"
 	@echo "make accuracy-table  rewrite docs/accuracy.md"
 	@echo "make bench-gemm      systolic array and conv unit cycles -> build/bench/gemm.json"
+	@echo "make bitstream       build the bitstream of BOARD (default ulx3s-85f) -> build/BOARD/"
+	@echo "make flash           load build/BOARD/skiptune.bit into the board's SRAM (openFPGALoader)"
 
 setup: $(STAMP)
 
@@ -48,6 +51,12 @@ accuracy-table: $(STAMP)
 
 bench-gemm: $(STAMP)
 	$(PY) scripts/bench_gemm.py
+
+bitstream: $(STAMP)
+	$(VENV)/bin/skiptune build --board $(BOARD)
+
+flash: $(STAMP)
+	$(VENV)/bin/skiptune flash --board $(BOARD)
 
 clean:
 	rm -rf build .pytest_cache

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 
-__all__ = ["AccelConfig", "DEFAULT"]
+__all__ = ["AccelConfig", "DEFAULT", "BOARDS", "board_config", "config_by_hash"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,3 +96,31 @@ class AccelConfig:
 
 
 DEFAULT = AccelConfig()
+
+
+# One configuration per board, sized to its part's block RAM and multipliers
+# (docs/board.md has the measured resources). DEFAULT is the simulation configuration:
+# the largest memories, every workload fully cached.
+BOARDS = {
+    "ulx3s-85f": DEFAULT.replace(cache_samples=384, cache_act_words=384, sample_words=110592,
+                                 weight_words=24576, adapter_words=2048),
+}
+
+
+def board_config(name):
+    """The configuration of board ``name`` (a key of `BOARDS`); None gives DEFAULT."""
+    if name is None:
+        return DEFAULT
+    try:
+        return BOARDS[name]
+    except KeyError:
+        raise ValueError(f"unknown board {name!r}: choose one of {', '.join(BOARDS)}") from None
+
+
+def config_by_hash(value):
+    """The known configuration (DEFAULT or a board's) whose `hash` is ``value``, or None."""
+    for cfg in (DEFAULT, *BOARDS.values()):
+        if cfg.hash == value:
+            return cfg
+    return None
+

@@ -1,4 +1,4 @@
-"""The `skiptune` command line: info, finetune, eval.
+"""The `skiptune` command line: info, finetune, eval, build, flash.
 
 Every error a user can cause (a bad workload, drift spec, data folder or file) ends in
 one line on stderr and exit status 2; an interrupted run exits 130.
@@ -12,12 +12,13 @@ import time
 
 import numpy as np
 
-from gateware.config import DEFAULT
+from gateware.config import BOARDS, board_config
 from sim.finetune import Schedule, ScheduleError, check_limits
 from sim.qmodel import ModelFileError
 from .datasets import DatasetError, WORKLOADS, load_workload
 from .device import DEVICES, DeviceError, open_device, save_adapters, load_adapters
 from .models import load_base_model
+from platforms import BoardError
 
 __all__ = ["main"]
 
@@ -58,6 +59,8 @@ def _add_device(p):
                    help="rtl device only: corrupt, drop, duplicate or cut the link's bytes at this rate "
                         "per byte and direction (the host retries)")
     p.add_argument("--fault-seed", type=int, default=0, metavar="N", help="seed of --link-faults (default 0)")
+    p.add_argument("--board", choices=tuple(BOARDS), help="use this board's configuration (default: the "
+                   "simulation configuration; a serial device's board is recognized by its configuration hash)")
 
 
 def _add_common(p):
@@ -90,6 +93,17 @@ def _parser():
     p = sub.add_parser("eval", help="accuracy of the base model, with adapters if given")
     _add_common(p)
     p.add_argument("--adapters", metavar="PATH", help="adapters saved by finetune --save-adapters")
+    p = sub.add_parser("build", help="build a bitstream (yosys, nextpnr-ecp5, ecppack) -> build/<board>/")
+    p.add_argument("--board", required=True, choices=tuple(BOARDS))
+    p.add_argument("--out", metavar="DIR", default="build", help="build root (default build)")
+    p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH ('-' for stdout)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p = sub.add_parser("flash", help="load a bitstream onto a board with openFPGALoader")
+    p.add_argument("--board", required=True, choices=tuple(BOARDS))
+    p.add_argument("--bitstream", metavar="PATH", help="the .bit file (default build/<board>/skiptune.bit)")
+    p.add_argument("--flash", action="store_true", help="write the SPI flash (kept across power cycles) "
+                   "instead of the FPGA's SRAM")
     return ap
 
 
@@ -119,7 +133,8 @@ def _open(args):
         raise UsageError(f"--link-faults needs --device rtl (the simulated board), not {args.device}")
     if not 0 <= args.link_faults <= 1:
         raise UsageError(f"--link-faults is a rate per byte in 0..1, not {args.link_faults:g}")
-    dev = open_device(args.device, DEFAULT, args.port, args.link_faults, args.fault_seed)
+    dev = open_device(args.device, board_config(args.board), args.port, args.link_faults, args.fault_seed,
+                      board=args.board)
     _opened.append(dev)
     return dev
 
@@ -227,11 +242,30 @@ def cmd_eval(args):
     return 0
 
 
+def cmd_build(args):
+    from platforms.build import build_bitstream, format_report   # amaranth-boards: only here
+    report = build_bitstream(args.board, root=args.out, seed=args.seed,
+                             progress=not args.quiet and args.json != "-" and sys.stderr.isatty())
+    if args.json:
+        _emit_json(args.json, report)
+    if args.json != "-":
+        print(format_report(report))
+    return 0 if report["timing_met"] else 1
+
+
+def cmd_flash(args):
+    from platforms.flash import flash_bitstream
+    message = flash_bitstream(args.board, args.bitstream, to_flash=args.flash)
+    print(message)
+    return 0
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
-        return {"info": cmd_info, "finetune": cmd_finetune, "eval": cmd_eval}[args.command](args)
-    except (DatasetError, ModelFileError, DeviceError, ScheduleError, UsageError) as e:
+        return {"info": cmd_info, "finetune": cmd_finetune, "eval": cmd_eval,
+                "build": cmd_build, "flash": cmd_flash}[args.command](args)
+    except (DatasetError, ModelFileError, DeviceError, ScheduleError, UsageError, BoardError) as e:
         print(f"skiptune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,7 +26,7 @@ from firmware.compiler import (adapter_count, compile_finetune, compile_infer, f
                                frozen_images, image_writes, master_words, read_masters, sample_images)
 from firmware.isa import Error
 from firmware.memmap import ID_MAGIC, OFFSET_BITS, Region, Regs, Status, chunk_bits
-from gateware.config import DEFAULT
+from gateware.config import DEFAULT, config_by_hash
 from sim.finetune import Schedule, adapters_sha256, adapter_macs
 from sim.qmodel import open_npz
 
@@ -117,6 +117,7 @@ class Device:
     def __init__(self, transport, cfg=DEFAULT, name="device", timeout=1.0, retries=11, poll=0.02,
                  byte_time=0.0, settle=0.001, quiet=0.01):
         self.transport, self.cfg, self.name = transport, cfg, name
+        self.board, self.adopt_config = None, False
         self.timeout, self.retries, self.poll = timeout, retries, poll
         self.byte_time, self.settle, self.quiet = byte_time, settle, quiet
         self.bytes_sent = self.bytes_received = 0
@@ -262,8 +263,12 @@ class Device:
         if ident.id != ID_MAGIC:
             raise DeviceError(f"{self.name}: not a skiptune device (ID {ident.id:08x})")
         if ident.config_hash != self.cfg.hash:
-            raise DeviceError(f"device configuration {ident.config_hash:08x}, "
-                              f"host expects {self.cfg.hash:08x}")
+            known = config_by_hash(ident.config_hash) if self.adopt_config else None
+            if known is None:
+                raise DeviceError(f"device configuration {ident.config_hash:08x}, host expects "
+                                  f"{self.cfg.hash:08x} ({self.board or 'the simulation default'}); "
+                                  "a bitstream built from this version of skiptune has a known one")
+            self.cfg = known
         return ident
 
     def info(self):
@@ -428,10 +433,11 @@ class Device:
         return correct / len(y)
 
 
-def open_device(name, cfg=DEFAULT, path=None, faults=0.0, seed=0):
+def open_device(name, cfg=DEFAULT, path=None, faults=0.0, seed=0, board=None):
     """A Device by name ("model", "rtl", "serial" with ``path`` its port, or a serial
     port's path itself, e.g. /dev/ttyUSB0), identified. ``faults``/``seed``: link faults
-    of the rtl device (`sim.board.launch`)."""
+    of the rtl device (`sim.board.launch`). ``board`` names ``cfg`` in messages; a serial
+    device opened without one takes whichever known configuration its hash names."""
     if name not in DEVICES and os.sep in name:
         name, path = "serial", name
     if faults and name != "rtl":
@@ -459,6 +465,8 @@ def open_device(name, cfg=DEFAULT, path=None, faults=0.0, seed=0):
                         settle=max(0.002, 2 * 64 * 10 / cfg.baud), quiet=0.02)
     else:
         device = Device(transport, cfg, name, timeout=1.0, settle=0.0, quiet=0.01)
+    device.board = board
+    device.adopt_config = name == "serial" and board is None
     try:
         device.identify()
     except BaseException:
