@@ -279,7 +279,10 @@ class AdapterDatapath(wiring.Component):
         mrd, mwr, grd, gwr = [], [], [], []
         for b in range(P):
             mm = Memory(shape=signed(cfg.master_bits), depth=self._rows, init=[])
-            gm = Memory(shape=signed(GW), depth=self._rows, init=[])
+            # 40-bit words take two 36-bit-wide DP16KD per bank, 32 in all: in LUT RAM
+            # they leave that block RAM to the cache on an 85F (docs/board.md)
+            gm = Memory(shape=signed(GW), depth=self._rows, init=[],
+                        attrs={"ram_style": "distributed"})
             m.submodules[f"master{b}"] = mm
             m.submodules[f"grad{b}"] = gm
             mrd.append(mm.read_port())

@@ -104,7 +104,9 @@ class LayerEngine(wiring.Component):
 
         for name, mem_id, width, depth in (("weight", MEM_WEIGHT, 8, cfg.weight_words // C),
                                            ("bias", MEM_BIAS, cfg.acc_bits, cfg.bias_words // C)):
-            mem = memory.Memory(shape=unsigned(width * C), depth=depth, init=[])
+            # the biases are few but C * 32 bits wide (8 DP16KD at C = 8): LUT RAM
+            attrs = {"ram_style": "distributed"} if name == "bias" else None
+            mem = memory.Memory(shape=unsigned(width * C), depth=depth, init=[], attrs=attrs)
             m.submodules[name] = mem
             wp, rp = mem.write_port(), mem.read_port()
             m.d.comb += [wp.en.eq(loading & (load.mem == mem_id)), wp.addr.eq(load.addr),

@@ -119,13 +119,14 @@ def _clock_fmax(nextpnr, target_mhz):
     return min(c["achieved"] for c in ours)
 
 
-def build_bitstream(board, root="build", seed=1, progress=False):
+def build_bitstream(board, root="build", seed=1, progress=False, cfg=None, core=None):
     """Build ``board``'s bitstream under ``<root>/<board>/`` and return the report (also
     written there as report.json). Raises `BoardError` when a tool fails; a build whose
-    timing fails still returns its report, with ``timing_met`` false."""
+    timing fails still returns its report, with ``timing_met`` false. ``cfg`` and
+    ``core`` replace the board's configuration and `Device` (`BoardTop`)."""
     if board not in PLATFORMS:
         raise BoardError(f"unknown board {board!r}: choose one of {', '.join(PLATFORMS)}")
-    cfg = board_config(board)
+    cfg = cfg or board_config(board)
     paths = tool_paths()
     directory = os.path.join(root, board)
     os.makedirs(directory, exist_ok=True)
@@ -134,7 +135,7 @@ def build_bitstream(board, root="build", seed=1, progress=False):
             os.remove(os.path.join(directory, stale))
     platform = PLATFORMS[board]()
     t0 = time.monotonic()
-    plan = platform.prepare(BoardTop(cfg), name=NAME,
+    plan = platform.prepare(BoardTop(cfg, core), name=NAME,
                             nextpnr_opts=f"--report nextpnr.json --timing-allow-fail --seed {seed}")
     env = dict(os.environ, **paths)
     with _Ticker(board, directory, progress):

@@ -6,7 +6,7 @@
 """
 
 from amaranth import ClockDomain, ClockSignal, Module, Signal
-from amaranth.lib import wiring
+from amaranth.lib import io, wiring
 from amaranth.lib.cdc import ResetSynchronizer
 from amaranth_boards.ulx3s import (ULX3S_12F_Platform, ULX3S_25F_Platform, ULX3S_45F_Platform,
                                    ULX3S_85F_Platform)
@@ -31,27 +31,32 @@ class BoardTop(wiring.Component):
     The 25 MHz oscillator drives an EHXPLLL at ``cfg.clock_hz``; the ``sync`` domain is
     held in reset until the PLL locks and for two of its cycles after
     (`ResetSynchronizer`). The UART pins are sampled by the `Device`'s own synchronizer.
+    ``core`` (default ``Device(cfg)``) is anything with `Device`'s members.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, core=None):
         if not isinstance(cfg, AccelConfig):
             raise TypeError(f"cfg must be an AccelConfig, not {cfg!r}")
         self._cfg = cfg
+        self._core = core
         self._pll = pll_settings(25e6, cfg.clock_hz)
         super().__init__({})
 
     def elaborate(self, platform):
         m = Module()
         m.domains.sync = ClockDomain("sync")
-        clk25 = platform.request("clk25")
+        m.submodules.clk25 = clk25 = io.Buffer("i", platform.request("clk25", dir="-"))
         m.submodules.pll = pll = EcpPll(self._pll)
         m.d.comb += [pll.clk_in.eq(clk25.i), ClockSignal("sync").eq(pll.clk_out)]
-        platform.add_clock_constraint(pll.clk_out, self._cfg.clock_hz)
+        # no clock constraint of our own: nextpnr derives cfg.clock_hz on the PLL's output
+        # from the 25 MHz input and the dividers (a constraint on a net yosys renames is lost)
         m.submodules.reset = ResetSynchronizer(~pll.locked, domain="sync")
 
-        m.submodules.device = device = Device(self._cfg)
-        uart = platform.request("uart", 0)
-        m.d.comb += [device.rx.eq(uart.rx.i), uart.tx.o.eq(device.tx)]
+        m.submodules.device = device = self._core or Device(self._cfg)
+        uart = platform.request("uart", 0, dir="-")
+        m.submodules.uart_rx = rx = io.Buffer("i", uart.rx)
+        m.submodules.uart_tx = tx = io.Buffer("o", uart.tx)
+        m.d.comb += [device.rx.eq(rx.i), tx.o.eq(device.tx)]
 
         heartbeat = Signal(range(self._cfg.clock_hz // 3 + 1))
         blink = Signal()
@@ -59,7 +64,9 @@ class BoardTop(wiring.Component):
             m.d.sync += [heartbeat.eq(self._cfg.clock_hz // 3), blink.eq(~blink)]
         with m.Else():
             m.d.sync += heartbeat.eq(heartbeat - 1)
-        leds = {name: platform.request("led", i) for name, i in LED.items()}
+        leds = {}
+        for name, i in LED.items():
+            m.submodules[f"led_{name}"] = leds[name] = io.Buffer("o", platform.request("led", i, dir="-"))
         m.d.comb += [leds["idle"].o.eq(~device.running), leds["running"].o.eq(device.running),
                      leds["done"].o.eq(device.done), leds["error"].o.eq(device.error),
                      leds["heartbeat"].o.eq(blink)]
