@@ -110,11 +110,11 @@ BOARDS = {
                                  sample_words=32768, weight_words=8192, adapter_words=2048,
                                  clock_hz=75_000_000),
     # 28 MULT18X18D, 56 DP16KD, 24k LUT4: a 4x2 array and 4 adapter lanes (so at most 4
-    # classes: fan), 128 samples of fan's size
+    # classes and rank 4), 64 samples of fan's size, 16 cache lines
     "ulx3s-25f": DEFAULT.replace(array_rows=4, array_cols=2, max_rank=4, max_classes=4,
-                                 cache_samples=32, cache_act_words=384, sample_words=32768,
-                                 max_samples=128, weight_words=24576, adapter_words=2048,
-                                 clock_hz=75_000_000),
+                                 cache_samples=16, cache_act_words=384, sample_words=16384,
+                                 max_samples=64, weight_words=22528, bias_words=256,
+                                 adapter_words=1024, program_words=512, clock_hz=75_000_000),
 }
 # the 12F is the 25F's die (nextpnr places it as one): the same configuration
 BOARDS["ulx3s-12f"] = BOARDS["ulx3s-25f"]

@@ -13,6 +13,7 @@ from amaranth.lib.wiring import In, Out
 
 from firmware.layers import ADDR_BITS, ConvDescriptor
 from .conv import ConvUnit
+from .layouts import LUT_RAM_DEPTH
 from .systolic import SystolicArray
 
 __all__ = ["LayerEngine", "MEM_ACT", "MEM_WEIGHT", "MEM_BIAS", "MEM_LOGIT"]
@@ -105,7 +106,7 @@ class LayerEngine(wiring.Component):
         for name, mem_id, width, depth in (("weight", MEM_WEIGHT, 8, cfg.weight_words // C),
                                            ("bias", MEM_BIAS, cfg.acc_bits, cfg.bias_words // C)):
             # the biases are few but C * 32 bits wide (8 DP16KD at C = 8): LUT RAM
-            attrs = {"ram_style": "distributed"} if name == "bias" else None
+            attrs = {"ram_style": "distributed"} if name == "bias" and depth <= LUT_RAM_DEPTH else None
             mem = memory.Memory(shape=unsigned(width * C), depth=depth, init=[], attrs=attrs)
             m.submodules[name] = mem
             wp, rp = mem.write_port(), mem.read_port()
