@@ -162,3 +162,11 @@ def test_flash_without_a_board(tmp_path):
 def test_build_unknown_board():
     r = _cli("build", "--board", "ulx3s-99f")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_board_option_selects_its_configuration():
+    r = _cli("info", "--device", "model", "--board", "ulx3s-45f", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["config_hash"] == f"{BOARDS['ulx3s-45f'].hash:08x}"
+    assert info["config"] == BOARDS["ulx3s-45f"].as_dict()
