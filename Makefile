@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 BOARD  ?= ulx3s-85f
 
-.PHONY: setup demo test test-fast models accuracy-table bench-gemm bitstream flash clean help
+.PHONY: setup demo test test-fast models accuracy-table bench bench-gemm bitstream flash clean help
 
 help:
 	@echo "make setup           create .venv/ and install skiptune with everything the tests need"
@@ -16,6 +16,7 @@ help:
 	@echo "make test            run the test suite ($(JOBS) workers)"
 	@echo "make models          retrain the shipped base models (deterministic)"
 	@echo "make accuracy-table  rewrite docs/accuracy.md"
+	@echo "make bench           digits and fan: simulated board (cache on, off) against this CPU -> build/bench/"
 	@echo "make bench-gemm      systolic array and conv unit cycles -> build/bench/gemm.json"
 	@echo "make bitstream       build the bitstream of BOARD (default ulx3s-85f) -> build/BOARD/"
 	@echo "make flash           load build/BOARD/skiptune.bit into the board's SRAM (openFPGALoader)"
@@ -48,6 +49,9 @@ models: $(STAMP)
 
 accuracy-table: $(STAMP)
 	$(PY) scripts/accuracy_table.py > docs/accuracy.md
+
+bench: $(STAMP)
+	$(VENV)/bin/skiptune bench
 
 bench-gemm: $(STAMP)
 	$(PY) scripts/bench_gemm.py

@@ -99,6 +99,19 @@ def _parser():
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p = sub.add_parser("bench", help="fine-tune digits and fan on the simulated board (cache on, off) and on "
+                       "this CPU -> build/bench/ (report.json, report.md, epochs.png)")
+    p.add_argument("--quick", action="store_true", help="2 epochs and one timed CPU run per variant (CI)")
+    p.add_argument("--workloads", default="digits,fan", metavar="LIST", help="comma-separated (default digits,fan)")
+    p.add_argument("--epochs", metavar="N", help="epochs of every fine-tune (default 20; --quick: 2)")
+    p.add_argument("--repeats", metavar="N", help="timed CPU runs per variant, the median is kept (default 5; --quick: 1)")
+    p.add_argument("--threads", metavar="N", help="threads of the multi-threaded CPU runs (default: every core)")
+    p.add_argument("--board", default="ulx3s-85f", help="simulate this board's configuration (default ulx3s-85f)")
+    p.add_argument("--report", metavar="PATH", help="bitstream report whose clock to use (default build/<board>/report.json)")
+    p.add_argument("--data", help="the cooling-fan folder (default ../shared/datasets/cooling-fan)")
+    p.add_argument("--out", metavar="DIR", default=os.path.join("build", "bench"), help="output folder (default build/bench)")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-' for stdout)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("flash", help="load a bitstream onto a board with openFPGALoader")
     p.add_argument("--board", required=True, choices=tuple(BOARDS))
     p.add_argument("--bitstream", metavar="PATH", help="the .bit file (default build/<board>/skiptune.bit)")
@@ -253,6 +266,11 @@ def cmd_build(args):
     return 0 if report["timing_met"] else 1
 
 
+def cmd_bench(args):
+    from .bench import run_bench        # torch and matplotlib: only here
+    return run_bench(args)
+
+
 def cmd_flash(args):
     from platforms.flash import flash_bitstream
     message = flash_bitstream(args.board, args.bitstream, to_flash=args.flash)
@@ -264,7 +282,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     try:
         return {"info": cmd_info, "finetune": cmd_finetune, "eval": cmd_eval,
-                "build": cmd_build, "flash": cmd_flash}[args.command](args)
+                "build": cmd_build, "bench": cmd_bench, "flash": cmd_flash}[args.command](args)
     except (DatasetError, ModelFileError, DeviceError, ScheduleError, UsageError, BoardError) as e:
         print(f"skiptune: error: {e}", file=sys.stderr)
         return 2
