@@ -1,6 +1,7 @@
 """The UART protocol's constants (docs/protocol.md): frame layout, commands, error codes,
-the registers IDENTIFY and STATUS read, and the address ranges a WRITE or READ may reach
-(`windows`, `address_ok`). The gateware's link (`gateware/link.py`) and the host
+the registers IDENTIFY and STATUS read, the regions that hold the frozen model
+(`MODEL_REGIONS`, whose WRITEs clear the device's model flag), and the address ranges a
+WRITE or READ may reach (`windows`, `address_ok`). The gateware's link (`gateware/link.py`) and the host
 (`host/protocol.py`) both take them from here.
 """
 
@@ -12,7 +13,8 @@ from .memmap import (OFFSET_BITS, PORT_ADDR_BITS, WRITABLE, Region, Regs, chunk_
                      region_words, word_bits)
 
 __all__ = ["SYNC", "MAX_PAYLOAD", "MAX_WORDS", "WATCHDOG_BYTES", "HEADER_BYTES", "OVERHEAD_BYTES",
-           "RESPONSE", "ERROR_CMD", "Command", "ErrorCode", "IDENTIFY_REGS", "STATUS_REGS", "Window",
+           "RESPONSE", "ERROR_CMD", "Command", "ErrorCode", "IDENTIFY_REGS", "STATUS_REGS", "MODEL_REGIONS",
+           "Window",
            "windows", "address_ok"]
 
 SYNC = 0xA5
@@ -32,6 +34,7 @@ class Command(enum.IntEnum):
     START = 0x04
     STATUS = 0x05
     ABORT = 0x06
+    LOADED = 0x07               # the frozen model is in WEIGHTS and BIASES: sets the model flag
 
 
 class ErrorCode(enum.IntEnum):
@@ -40,6 +43,13 @@ class ErrorCode(enum.IntEnum):
     RUNNING = 3                 # running: only IDENTIFY, READ of REGS, STATUS, ABORT are served
     START_WHILE_RUNNING = 4
     BAD_ADDRESS = 5             # a WRITE or READ reaching outside one region's memory
+    NO_MODEL = 6                # START with the model flag clear: no whole model loaded
+
+
+# The device's model flag (docs/protocol.md, "The model flag"): cleared at reset and by
+# every WRITE served to these regions, set by LOADED; START needs it. A load cut short
+# (a host that dies mid-transfer) therefore leaves it clear, whatever it wrote.
+MODEL_REGIONS = (Region.WEIGHTS, Region.BIASES)
 
 
 IDENTIFY_REGS = (Regs.ID, Regs.CONFIG_HASH, Regs.GEOMETRY)

@@ -12,8 +12,9 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from firmware.memmap import OFFSET_BITS, PORT_ADDR_BITS, Control, Region, Regs
-from firmware.protocol import (ERROR_CMD, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS, RESPONSE,
-                               STATUS_REGS, SYNC, WATCHDOG_BYTES, Command, ErrorCode, windows)
+from firmware.protocol import (ERROR_CMD, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS, MODEL_REGIONS,
+                               RESPONSE, STATUS_REGS, SYNC, WATCHDOG_BYTES, Command, ErrorCode,
+                               windows)
 
 from .config import DEFAULT, AccelConfig
 from .top import host_port
@@ -56,6 +57,10 @@ class LinkController(wiring.Component):
     running : In(1)
         The accelerator runs a program: only IDENTIFY, READ of REGS, STATUS and ABORT
         are served.
+    loaded : Out(1)
+        The model flag (docs/protocol.md): low at reset; set by a LOADED, cleared by a
+        WRITE to WEIGHTS or BIASES, both in the cycle after the request's EXEC (before
+        its response goes out). A START while it is low gets NO_MODEL and writes nothing.
 
     Receiving: the frame's payload goes into one of two buffers (the first six payload
     bytes, address and count or entry pc, into registers; the words from byte 4 on into
@@ -69,7 +74,7 @@ class LinkController(wiring.Component):
     the executor is dropped.
 
     Executing (checks in the order of `host.protocol.serve`: unknown command, bad
-    length, bad address, running; the address check compares the range's first and last
+    length, bad address, running, no model; the address check compares the range's first and last
     offsets with constants of the region's `firmware.protocol.Window`, before any word
     is written): WRITE does one port write per word per cycle before the response
     goes out; START and ABORT write CONTROL; IDENTIFY, STATUS and READ read a word from
@@ -91,7 +96,7 @@ class LinkController(wiring.Component):
         super().__init__({
             "rx": In(stream.Signature(8)), "tx": Out(stream.Signature(8)),
             **{name: member.flip() for name, member in host_port().items()},
-            "running": In(1),
+            "running": In(1), "loaded": Out(1),
         })
 
     def elaborate(self, platform):
@@ -216,8 +221,11 @@ class LinkController(wiring.Component):
         with m.Elif(self.running & is_cmd[Command.START]):
             m.d.comb += err.eq(ErrorCode.START_WHILE_RUNNING)
         # a good range lies inside one region: READ while running needs it to be REGS
-        with m.Elif(self.running & (is_cmd[Command.WRITE] | is_cmd[Command.READ] & (region != Region.REGS))):
+        with m.Elif(self.running & (is_cmd[Command.WRITE] | is_cmd[Command.LOADED]
+                                    | is_cmd[Command.READ] & (region != Region.REGS))):
             m.d.comb += err.eq(ErrorCode.RUNNING)
+        with m.Elif(is_cmd[Command.START] & ~self.loaded):
+            m.d.comb += err.eq(ErrorCode.NO_MODEL)
 
         # --- the frame as the executor holds it -------------------------------------------
         x_cmd, x_seq = Signal(8), Signal(8)
@@ -227,6 +235,7 @@ class LinkController(wiring.Component):
         x_count = Signal(range(MAX_WORDS + 1))      # words to read or write
         x_entry = Signal(16)
         x_reads = Signal()                          # IDENTIFY, STATUS, READ: words answer
+        x_model = Signal()                          # a WRITE into MODEL_REGIONS
         x_rlen = Signal(16)
         is_x = {c: x_cmd == c.value for c in Command}
         failed, x_failed = err != 0, x_err != 0
@@ -242,6 +251,7 @@ class LinkController(wiring.Component):
                           Mux(is_cmd[Command.START] | is_cmd[Command.ABORT], _reg(Regs.CONTROL),
                               addr)))),
                 x_count.eq(words), x_entry.eq(r_head[:16]), x_reads.eq(reads),
+                x_model.eq(Cat(region == r.value for r in MODEL_REGIONS).any()),
                 x_rlen.eq(Mux(failed, 2, Mux(reads, words << 2, 0))),
             ]
 
@@ -266,6 +276,12 @@ class LinkController(wiring.Component):
                 with m.If(~x_failed):
                     with m.If(is_x[Command.WRITE]):
                         m.next = "WRITE"
+                        # the flag falls before the first word is written: a load cut
+                        # short after any of its words leaves no model
+                        with m.If(x_model):
+                            m.d.sync += self.loaded.eq(0)
+                    with m.If(is_x[Command.LOADED]):
+                        m.d.sync += self.loaded.eq(1)
                     with m.If(is_x[Command.START] | is_x[Command.ABORT]):
                         m.d.comb += [self.we.eq(1), self.addr.eq(x_addr),
                                      self.wdata.eq(Mux(is_x[Command.START],

@@ -313,9 +313,13 @@ class Device:
             self._write_run(a, ws)
 
     def write_images(self, images):
-        """Write ``{Region: [(offset, [words])]}`` (firmware.compiler) in WRITE bursts."""
+        """Write ``{Region: [(offset, [words])]}`` (firmware.compiler) in WRITE bursts;
+        when they hold the frozen model (WEIGHTS or BIASES), LOADED once all are written,
+        which sets the device's model flag (START is refused without it)."""
         for a, ws in bursts(image_writes(images)):
             self._write_run(a, ws)
+        if any(r in images for r in P.MODEL_REGIONS):
+            self.request(P.loaded)
 
     def read_words(self, address, n):
         out = []
@@ -374,6 +378,7 @@ class Device:
                                 else b"").hexdigest()
         if digest != self._frozen:
             images.update(frozen)
+            self._frozen = None     # until the new one is in whole (the device clears its flag too)
         return digest
 
     def finetune(self, model, x, y, schedule, progress=None):
@@ -416,7 +421,7 @@ class Device:
         rank = Schedule.rank if masters is None else int(masters[0][0].shape[1])
         words = master_words(masters) if masters is not None else [0] * adapter_count(model, rank)
         images = {Region.ADAPTERS: [(0, words)]}
-        self._frozen = self._load_frozen(model, images)
+        digest = self._load_frozen(model, images)
         d0 = model.adapter_inputs[0]
         chunk = max(1, min(self.cfg.max_samples, 4 * (self.cfg.sample_words // 4) // d0))
         correct = 0
@@ -424,7 +429,7 @@ class Device:
             xs, ys = x[i:i + chunk], y[i:i + chunk]
             images.update(sample_images(model, xs, ys, self.cfg))
             self.write_images(images)
-            images = {}
+            self._frozen, images = digest, {}      # only once the whole model is in
             self.run(compile_infer(model, self.cfg, len(ys), rank))
             regs = self.registers()
             if regs[Regs.SAMPLES] != len(ys):

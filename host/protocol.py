@@ -6,13 +6,14 @@ and the device's side as a pure function of a host port.
 - `crc16` is CRC-16/CCITT-FALSE over ``cmd .. payload``; `encode_frame` builds a frame,
   `FrameParser` finds frames in a byte stream (hunting for 0xA5, dropping frames with a
   bad CRC or a length above `MAX_PAYLOAD`, and counting what it dropped).
-- `identify`, `write`, `read`, `start`, `status`, `abort` build requests;
+- `identify`, `write`, `read`, `start`, `status`, `abort`, `loaded` build requests;
   `response_payload` checks a response against its request (an error response raises
-  `ProtocolError` with its `ErrorCode`) and `parse_identify`, `parse_read`,
+  `ProtocolError` with its `ErrorCode` and a one-line message, `ERROR_TEXT`) and `parse_identify`, `parse_read`,
   `parse_status` decode the payloads.
 - `serve(frame, port)` is the device: it answers one request frame from a host port
-  (``read(address)``, ``write(address, word)``, ``running``, ``cfg``) with the response
-  bytes, or None for a frame the device drops. The `model` device serves exactly these bytes; the
+  (``read(address)``, ``write(address, word)``, ``running``, ``cfg``, and the link's model
+  flag ``loaded``, which it keeps) with the response bytes, or None for a frame the
+  device drops. The `model` device serves exactly these bytes; the
   gateware (`gateware/link.py`) serves the same.
 """
 
@@ -22,13 +23,15 @@ import struct
 
 from firmware.memmap import OFFSET_BITS, PORT_ADDR_BITS, Control, Region, Regs
 from firmware.protocol import (ERROR_CMD, HEADER_BYTES, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS,
-                               OVERHEAD_BYTES, RESPONSE, STATUS_REGS, SYNC, WATCHDOG_BYTES,
-                               Command, ErrorCode, address_ok)
+                               MODEL_REGIONS, OVERHEAD_BYTES, RESPONSE, STATUS_REGS, SYNC,
+                               WATCHDOG_BYTES, Command, ErrorCode, address_ok)
 
 __all__ = ["SYNC", "MAX_PAYLOAD", "MAX_WORDS", "WATCHDOG_BYTES", "HEADER_BYTES", "OVERHEAD_BYTES",
-           "Command", "ERROR_CMD", "RESPONSE", "ErrorCode", "ProtocolError", "LinkError", "Frame",
+           "Command", "ERROR_CMD", "RESPONSE", "ErrorCode", "ERROR_TEXT", "ProtocolError", "LinkError",
+           "Frame",
            "crc16", "encode_frame", "decode_frame", "FrameParser",
-           "identify", "write", "read", "start", "status", "abort", "error_response",
+           "identify", "write", "read", "start", "status", "abort", "loaded", "error_response",
+           "MODEL_REGIONS",
            "response_payload", "parse_identify", "parse_read", "parse_status", "Identity",
            "StatusWords", "STATUS_REGS", "IDENTIFY_REGS", "serve"]
 
@@ -40,20 +43,40 @@ class LinkError(Exception):
     """The link misbehaved: no response in time, or one that does not answer the request."""
 
 
+# What each error response means, for the one-line message a user sees
+# ("<device>: device refused START: no model is loaded: ... (NO_MODEL, 6)").
+ERROR_TEXT = {
+    ErrorCode.UNKNOWN_COMMAND: "unknown command (the host and the device's bitstream speak "
+                               "different versions of the protocol)",
+    ErrorCode.BAD_LENGTH: "bad length for the command, or a word count outside 1..256",
+    ErrorCode.RUNNING: "a program is running; only IDENTIFY, STATUS, ABORT and READs of the "
+                       "registers are served until it stops",
+    ErrorCode.START_WHILE_RUNNING: "a program is already running",
+    ErrorCode.BAD_ADDRESS: "the address range leaves its region's memory, or the region is "
+                           "read only",
+    ErrorCode.NO_MODEL: "no model is loaded: the frozen network's weights and biases must be "
+                        "written whole, then LOADED, before a program runs",
+}
+assert set(ERROR_TEXT) == set(ErrorCode)
+
+
 class ProtocolError(LinkError):
-    """The device answered with an error response."""
+    """The device answered with an error response: ``cmd``, ``code`` (int), ``code_name``;
+    its message is one line saying what the code means."""
 
     def __init__(self, cmd, code):
         self.cmd, self.code = cmd, code
         try:
             self.code_name = ErrorCode(code).name
+            text = ERROR_TEXT[ErrorCode(code)]
         except ValueError:
             self.code_name = f"error {code}"
+            text = "an error code this host does not know (a newer bitstream?)"
         try:
             cmd_name = Command(cmd).name
         except ValueError:
             cmd_name = f"command 0x{cmd:02x}"
-        super().__init__(f"device refused {cmd_name}: {self.code_name} ({code})")
+        super().__init__(f"device refused {cmd_name}: {text} ({self.code_name}, {code})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +216,11 @@ def abort(seq):
     return encode_frame(Command.ABORT, seq)
 
 
+def loaded(seq):
+    """LOADED: the frozen model is written whole; sets the device's model flag."""
+    return encode_frame(Command.LOADED, seq)
+
+
 def error_response(seq, cmd, code):
     return encode_frame(ERROR_CMD, seq, bytes([cmd & 0xFF, int(code)]))
 
@@ -236,7 +264,7 @@ def response_payload(frame, cmd, seq):
     if frame.cmd != cmd | RESPONSE:
         raise LinkError(f"response cmd 0x{frame.cmd:02x} to command 0x{cmd:02x}")
     n = {Command.IDENTIFY: 4 * len(IDENTIFY_REGS), Command.STATUS: 4 * len(STATUS_REGS)}.get(cmd)
-    if n is not None or cmd in (Command.WRITE, Command.START, Command.ABORT):
+    if n is not None or cmd in (Command.WRITE, Command.START, Command.ABORT, Command.LOADED):
         _expect_len(frame, n or 0)
     return frame.payload
 
@@ -269,12 +297,15 @@ def serve(frame, port, cfg=None):
     """The device's response bytes to one request (a Frame, or a whole frame's bytes), or
     None when the device drops it (bytes that are not a valid frame). ``port`` is the
     host port: ``read(address)``, ``write(address, word)``, ``running`` and ``cfg`` (the
-    AccelConfig whose address map it serves, unless ``cfg`` is given).
+    AccelConfig whose address map it serves, unless ``cfg`` is given), and carries the
+    link's model flag ``loaded`` (False at reset), which serve sets on LOADED and clears
+    on every WRITE it serves to a region of MODEL_REGIONS.
 
     Checks, in order: an unknown command (error 1), a bad length (error 2), a WRITE or
     READ reaching outside one region's memory (error 5, `firmware.protocol.address_ok`),
-    then the running restrictions (START: error 4; WRITE, READ outside REGS: error 3).
-    A refused request touches nothing. Addresses are taken modulo 2**PORT_ADDR_BITS."""
+    then the running restrictions (START: error 4; WRITE, LOADED, READ outside REGS:
+    error 3), then START without the model flag (error 6). A refused request touches
+    nothing. Addresses are taken modulo 2**PORT_ADDR_BITS."""
     if not isinstance(frame, Frame):
         frame = decode_frame(frame)
         if frame is None:
@@ -311,9 +342,16 @@ def serve(frame, port, cfg=None):
     if cmd is Command.ABORT:
         port.write(_reg(Regs.CONTROL), Control.ABORT)
         return ok()
+    if cmd is Command.LOADED:
+        if running:
+            return fail(ErrorCode.RUNNING)
+        port.loaded = True
+        return ok()
     if cmd is Command.START:
         if running:
             return fail(ErrorCode.START_WHILE_RUNNING)
+        if not port.loaded:
+            return fail(ErrorCode.NO_MODEL)
         port.write(_reg(Regs.CONTROL), Control.START | (p[0] | p[1] << 8) << 16)
         return ok()
     address = struct.unpack_from("<I", p)[0] & _ADDR_MASK
@@ -325,6 +363,8 @@ def serve(frame, port, cfg=None):
         return fail(ErrorCode.RUNNING)
     if cmd is Command.READ:
         return ok(port.read(address + i) for i in range(count))
+    if address >> OFFSET_BITS in (r.value for r in MODEL_REGIONS):
+        port.loaded = False         # a model being (re)written is not a model until LOADED
     for i, w in enumerate(_unpack_words(p[4:])):
         port.write(address + i, w)
     return ok()

@@ -92,7 +92,8 @@ class Machine:
     """The device, instruction by instruction. Memories (int64 arrays of lane values):
     ``program`` (words), ``samples`` (bytes, uint8), ``labels``, ``weights`` (words x C
     int8), ``biases`` (words x C int32), ``adapters`` (uint32 words), ``results``,
-    ``act`` (words x C int8), ``logits`` (words x C int16)."""
+    ``act`` (words x C int8), ``logits`` (words x C int16). ``loaded``: the host link's
+    model flag (`host.protocol.serve` keeps it)."""
 
     def __init__(self, cfg=DEFAULT):
         self.cfg = cfg
@@ -114,6 +115,10 @@ class Machine:
         self.phase = Phase.NONE
         self.running = self.done = self.refused = False
         self.error = Error.NONE
+        # the host link's model flag (docs/protocol.md): kept by host.protocol.serve, which
+        # sets it on LOADED, clears it on a WRITE to WEIGHTS or BIASES and refuses START
+        # without it; the port itself never reads it, as in the gateware (gateware/link.py)
+        self.loaded = False
         # LoRA engine: gradient accumulators and moments per weight address
         self._grad = np.zeros(cfg.adapter_words, np.int64)
         self._m = np.zeros(cfg.adapter_words, np.int64)

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from firmware.memmap import Region, address
+from firmware.memmap import Region, Status, address
 from gateware.config import DEFAULT
 from host import protocol as P
 from host.datasets import load_workload
@@ -85,7 +85,7 @@ def test_config_mismatch_is_refused():
     with pytest.raises(DeviceError) as e:
         dev.identify()
     msg = str(e.value)
-    assert msg == f"device configuration {other.hash:08x}, host expects {DEFAULT.hash:08x}"
+    assert msg.startswith(f"device configuration {other.hash:08x}, host expects {DEFAULT.hash:08x} ")
     assert "\n" not in msg
 
 
@@ -118,8 +118,44 @@ def test_device_errors_are_one_line(digits):
     # a program word that is not an instruction stops with OPCODE
     from firmware.compiler import Program
     bad = Program("infer", [0xFFFFFFFF], 1, "", {}, 0, 0, 4, 1, 0, [], {})
+    dev.request(P.loaded)
     with pytest.raises(DeviceError, match="error OPCODE at pc 0"):
         dev.run(bad)
+
+
+def test_finetune_before_a_model_is_loaded(digits):
+    """A fine-tune program started on a device that holds no whole model: after reset,
+    and after another host wrote part of the weights (it died mid-transfer) following a
+    complete load. The device refuses START (NO_MODEL), runs nothing, and the host says so
+    in one line; the normal path (which loads the model, then LOADED) then works."""
+    from firmware.compiler import compile_finetune, frozen_images, image_writes
+
+    wl, model = digits
+    tr = wl.target_train
+    x, y = tr.x[:40], tr.y[:40]
+    schedule = Schedule(epochs=1)
+    program = compile_finetune(model, schedule, DEFAULT, len(y))
+    t = ModelTransport()
+    expected = ("model: device refused START: no model is loaded: the frozen network's weights "
+                "and biases must be written whole, then LOADED, before a program runs (NO_MODEL, 6)")
+
+    def refused():
+        dev = Device(t, DEFAULT, "model")           # a new host process
+        before = dev.status()
+        with pytest.raises(DeviceError) as e:
+            dev.run(program)
+        assert str(e.value) == expected
+        assert dev.status() == before and not before.status & Status.RUNNING     # nothing ran
+        assert not t.machine.loaded
+
+    refused()
+    res = Device(t, DEFAULT, "model").finetune(model, x, y, schedule)
+    assert t.machine.loaded
+    first = image_writes(frozen_images(model, DEFAULT))[:100]
+    Device(t, DEFAULT, "model").write_words(first[0][0], [w for _, w in first])
+    refused()
+    assert Device(t, DEFAULT, "model").finetune(model, x, y, schedule).sha256 == res.sha256
+    assert res.sha256 == adapters_sha256(finetune_fixed(model, x, y, schedule, DEFAULT).masters)
 
 
 def test_unknown_and_serial_without_port():

@@ -150,10 +150,11 @@ def test_start_refused_as_running_after_a_lost_start_means_it_started():
         t.machine.running = True                # a long program: still running
 
     t.machine.run = run
+    dev.request(P.loaded)                       # the model flag: START needs it
     before = dev.status()
     dev.status = lambda: before
     dev.start(0, before)
-    assert runs == [0] and [c for c, a in t.log] == ["STATUS", "START", "START"]
+    assert runs == [0] and [c for c, a in t.log] == ["LOADED", "STATUS", "START", "START"]
 
 
 def test_finetune_over_a_flaky_link_equals_clean(digits):

@@ -184,12 +184,13 @@ def test_response_checks():
 # ---------------------------------------------------------------- the device side ---
 
 class FakePort:
-    """A port of a dict, recording every access."""
+    """A port of a dict, recording every access; ``loaded`` is the model flag serve keeps."""
 
     cfg = DEFAULT
 
     def __init__(self, running=False):
         self.mem, self.running, self.log = {}, running, []
+        self.loaded = False
 
     def read(self, a):
         self.log.append(("r", a))
@@ -224,6 +225,7 @@ def test_serve_write_read_start_abort():
     f = ask(port, P.read(2, base + 1, 2))
     assert f.seq == 2 and P.parse_read(P.response_payload(f, Command.READ, 2), 2) == [8, 9]
     port.log.clear()
+    assert ask(port, P.loaded(3)) == Frame(Command.LOADED | P.RESPONSE, 3) and port.loaded
     assert ask(port, P.start(3, 0x42)) == Frame(Command.START | P.RESPONSE, 3)
     assert ask(port, P.abort(4)) == Frame(Command.ABORT | P.RESPONSE, 4)
     assert port.log == [("w", REG[Regs.CONTROL], 1 | 0x42 << 16), ("w", REG[Regs.CONTROL], 2)]
@@ -235,9 +237,10 @@ def test_serve_write_read_start_abort():
 
 def test_serve_errors():
     port = FakePort()
-    assert error_of(ask(port, P.encode_frame(0x07, 1)), 0x07) == ErrorCode.UNKNOWN_COMMAND
+    assert error_of(ask(port, P.encode_frame(0x08, 1)), 0x08) == ErrorCode.UNKNOWN_COMMAND
     assert error_of(ask(port, P.encode_frame(0x85, 1)), 0x85) == ErrorCode.UNKNOWN_COMMAND
     bad = {Command.IDENTIFY: b"\x00", Command.STATUS: b"\x00" * 4, Command.ABORT: b"\x01",
+           Command.LOADED: b"\x01",
            Command.START: b"\x00", Command.READ: struct.pack("<IH", 0, 0),
            Command.WRITE: struct.pack("<I", 0)}
     for cmd, payload in bad.items():
@@ -258,6 +261,7 @@ def test_serve_running_restrictions():
     assert error_of(ask(port, P.write(1, prog, [1])), Command.WRITE) == ErrorCode.RUNNING
     assert error_of(ask(port, P.read(1, prog, 1)), Command.READ) == ErrorCode.RUNNING
     assert error_of(ask(port, P.start(1, 0)), Command.START) == ErrorCode.START_WHILE_RUNNING
+    assert error_of(ask(port, P.loaded(1)), Command.LOADED) == ErrorCode.RUNNING and not port.loaded
     assert error_of(ask(port, P.write(1, address(Region.ADAPTERS, 0, DEFAULT), [2])), Command.WRITE) \
         == ErrorCode.RUNNING
     # the address check comes first: REGS is never written by WRITE
@@ -273,6 +277,48 @@ def test_serve_running_restrictions():
     assert ("w", REG[Regs.CONTROL], 2) in port.log
 
 
+def test_start_needs_a_whole_model():
+    """The model flag on the Machine: START without a model, after a partial load (a WRITE
+    to WEIGHTS or BIASES after LOADED), or after LOADED while running gets NO_MODEL (or
+    RUNNING) and changes nothing at all; LOADED after the load lets it run. Refused
+    WRITEs, READs and WRITEs elsewhere leave the flag as it was."""
+    from firmware.asm import assemble
+    from sim.machine import Machine
+
+    m = Machine(DEFAULT)
+    weights, biases = address(Region.WEIGHTS, 0, DEFAULT), address(Region.BIASES, 0, DEFAULT)
+    ask(m, P.write(1, address(Region.PROGRAM, 0, DEFAULT), assemble("SETIDX 5\nINCIDX\nHALT")))
+
+    def refused(seq, code):
+        before = machine_state(m)
+        assert error_of(ask(m, P.start(seq, 0)), Command.START) == code
+        assert machine_state(m) == before
+
+    refused(2, ErrorCode.NO_MODEL)                          # nothing loaded since reset
+    ask(m, P.write(3, weights, [1, 2]))
+    refused(4, ErrorCode.NO_MODEL)                          # loaded, not declared whole
+    assert ask(m, P.loaded(5)) == Frame(Command.LOADED | P.RESPONSE, 5) and m.loaded
+    # neither a refused WRITE to WEIGHTS, a READ of it, nor a WRITE elsewhere clears it
+    assert error_of(ask(m, P.write(6, weights + windows(DEFAULT)[Region.WEIGHTS].limit - 1, [1, 2])),
+                    Command.WRITE) == ErrorCode.BAD_ADDRESS
+    ask(m, P.read(7, weights, 2))
+    ask(m, P.write(8, address(Region.ADAPTERS, 0, DEFAULT), [9]))
+    assert m.loaded
+    assert ask(m, P.start(9, 0)).cmd == Command.START | P.RESPONSE
+    assert m.done and m.index == 6
+    for seq, region in enumerate((weights, biases), 10):
+        ask(m, P.write(seq, region, [3]))                   # one chunk: a load cut short
+        assert not m.loaded
+        refused(seq, ErrorCode.NO_MODEL)
+        ask(m, P.loaded(seq))
+    # running: LOADED refused, the flag untouched (cleared by a WRITE before)
+    ask(m, P.write(20, weights, [1, 2]))
+    m.running = True
+    assert error_of(ask(m, P.loaded(21)), Command.LOADED) == ErrorCode.RUNNING and not m.loaded
+    m.running = False
+    refused(22, ErrorCode.NO_MODEL)
+
+
 def test_serve_machine():
     """The device side over the instruction-level model: identify, upload, START runs a
     program to HALT, STATUS reports it."""
@@ -284,6 +330,7 @@ def test_serve_machine():
     assert ident.id == ID_MAGIC and ident.config_hash == DEFAULT.hash
     words = assemble("SETIDX 5\nINCIDX\nHALT")
     ask(m, P.write(1, address(Region.PROGRAM, 0, DEFAULT), words))
+    ask(m, P.loaded(1))
     assert ask(m, P.start(2, 0)).cmd == Command.START | P.RESPONSE
     st_ = P.parse_status(ask(m, P.status(3)).payload)
     assert st_.status & Status.DONE and not st_.status & Status.RUNNING
@@ -454,7 +501,7 @@ def corrupt(data, kind, rnd):
 def random_request(rnd, seq, cfg=DEFAULT, max_words=64):
     """A valid request: mostly WRITE bursts of whole words at valid offsets of a
     writable region (PROGRAM from 16 up: 0..15 hold the program START runs), READs of
-    any region, START at 0, IDENTIFY, STATUS, ABORT."""
+    any region, START at 0, IDENTIFY, STATUS, ABORT, LOADED."""
     kind = rnd.choices(("write", "read", "start", "other"), (6, 2, 1, 1))[0]
     if kind == "write":
         region = rnd.choice([Region.PROGRAM, Region.SAMPLES, Region.LABELS, Region.WEIGHTS,
@@ -472,7 +519,7 @@ def random_request(rnd, seq, cfg=DEFAULT, max_words=64):
         return P.read(seq, region.value << OFFSET_BITS | rnd.randrange(w.limit - count + 1), count)
     if kind == "start":
         return P.start(seq, 0)
-    return rnd.choice((P.identify, P.status, P.abort))(seq)
+    return rnd.choice((P.identify, P.status, P.abort, P.loaded))(seq)
 
 
 def machine_state(m):
@@ -481,7 +528,7 @@ def machine_state(m):
     arrays = b"".join(a.tobytes() for a in (m.program, m.samples, m.labels, m.weights, m.biases,
                                              m.adapters, m.results, m.act, m.logits))
     regs = tuple(m.read(REG[r]) for r in Regs)
-    inner = (m.pc, m.index, m.running, m.done, m.refused, m.error, m.phase, m.updates,
+    inner = (m.loaded, m.pc, m.index, m.running, m.done, m.refused, m.error, m.phase, m.updates,
              tuple(m._staging), tuple(map(tuple, m.loops)), m.lfsr.state,
              tuple((k, repr(v)) for k, v in m.regs.items()))
     return arrays, regs, inner
@@ -542,3 +589,4 @@ def test_corrupted_frames_never_change_machine_state():
     # moves the frame's boundaries and is caught by the CRC by chance (1 in 65536)
     assert flips_accepted == 0
     assert accepted == 0          # this seed; any frame out of damaged bytes needs a chance CRC match
+

@@ -10,7 +10,7 @@ import cocotb
 from cocotb.triggers import FallingEdge, Timer
 from cocotb.utils import get_sim_time
 
-from firmware.memmap import ID_MAGIC, Region, Regs, address
+from firmware.memmap import ID_MAGIC, Region, Regs, Status, address
 from host import protocol as hp
 from tests.gateware.streams import config_from_env, env_int, start
 
@@ -222,3 +222,35 @@ async def bad_address(dut):
     assert await uart.read(prog(words - 1), 1) == [0x600D0002]
     status = hp.parse_status(await uart.request(hp.status(7), hp.Command.STATUS))
     assert status.status == 0
+
+
+@cocotb.test()
+async def start_needs_model(dut):
+    """The model flag at the pins: START after reset, or after one chunk of WEIGHTS was
+    written (a load cut short), gets NO_MODEL and leaves STATUS as it was; LOADED lets
+    the program run (to HALT)."""
+    from firmware.asm import assemble
+
+    uart = await setup(dut)
+    weights = address(Region.WEIGHTS, 0, CFG)
+
+    async def refused(seq):
+        before = await uart.request(hp.status(seq), hp.Command.STATUS)
+        try:
+            await uart.request(hp.start(seq, 0), hp.Command.START)
+        except hp.ProtocolError as e:
+            assert e.code == hp.ErrorCode.NO_MODEL, e
+        else:
+            raise AssertionError("START without a model was served")
+        assert await uart.request(hp.status(seq), hp.Command.STATUS) == before
+
+    await uart.write(prog(0), assemble("SETIDX 5\nINCIDX\nHALT"))
+    await refused(1)
+    await uart.request(hp.loaded(2), hp.Command.LOADED)
+    await uart.request(hp.start(3, 0), hp.Command.START)
+    status = hp.parse_status(await uart.request(hp.status(4), hp.Command.STATUS))
+    assert status.status & Status.DONE and status.index == 6
+    await uart.write(weights, [0x01020304])
+    await refused(5)
+    assert hp.parse_status(await uart.request(hp.status(6), hp.Command.STATUS)) == status
+

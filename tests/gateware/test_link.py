@@ -140,12 +140,13 @@ def test_uart_rx_jitter(divisor):
 # ---------------------------------------------------------------- LinkController -----
 
 class FakePort:
-    """The host port as `host.protocol.serve` sees it: a dict of words (REGS preset) and
-    the ``running`` flag; records every write."""
+    """The host port as `host.protocol.serve` sees it: a dict of words (REGS preset), the
+    ``running`` flag and the model flag ``loaded`` that serve keeps; records every write."""
 
     def __init__(self, running=False, cfg=DEFAULT):
         self.mem = {_reg(r): 0x1000 + r for r in Regs}
         self.running, self.cfg = running, cfg
+        self.loaded = False
         self.writes = []
 
     def read(self, address):
@@ -169,11 +170,12 @@ def run_link(requests, gap=3, stall=0.0, seed=0, max_cycles=400_000, cfg=DEFAULT
     response(s) so far before the next) to a LinkController whose port is a FakePort,
     ``gap`` idle cycles between bytes; the transmitter is not ready with probability
     ``stall``. Returns (response bytes, the port, {request index: cycle of its last
-    byte}, [cycle of each response byte])."""
+    byte}, [cycle of each response byte], [the controller's ``loaded`` once each request's
+    responses are in])."""
     dut = LinkController(cfg, timeout=TIMEOUT)
     port = FakePort(cfg=cfg)
     rng = random.Random(seed)
-    out, out_cycles, last_byte = [], [], {}
+    out, out_cycles, last_byte, flags = [], [], {}, []
     now = [0]
 
     async def host(ctx):
@@ -197,6 +199,7 @@ def run_link(requests, gap=3, stall=0.0, seed=0, max_cycles=400_000, cfg=DEFAULT
                 await ctx.tick()
             else:
                 raise AssertionError(f"request {k}: {len(out)} of {expect} response bytes")
+            flags.append(bool(ctx.get(dut.loaded)))
         await ctx.tick().repeat(200)            # nothing more may come
 
     async def device_port(ctx):
@@ -213,30 +216,34 @@ def run_link(requests, gap=3, stall=0.0, seed=0, max_cycles=400_000, cfg=DEFAULT
             ctx.set(dut.tx.ready, not (stall and rng.random() < stall))
 
     simulate(dut, host, background=[device_port])
-    return bytes(out), port, last_byte, out_cycles
+    return bytes(out), port, last_byte, out_cycles, flags
 
 
 def expected(requests, cfg=DEFAULT):
     """`host.protocol.serve`'s responses to ``requests`` ((frame, running) pairs; a frame
     that is a list with pauses is one the device must drop), the response bytes due
-    after each request, and its port."""
+    after each request, and its port (``ref.flags``: its model flag after each)."""
     ref, out, due = FakePort(cfg=cfg), b"", []
+    ref.flags = []
     for frame, running in requests:
         ref.running = running
         if isinstance(frame, bytes):
             out += serve(frame, ref) or b""
         due.append(len(out))
+        ref.flags.append(ref.loaded)
     return out, due, ref
 
 
 def exchange(requests, **kw):
     """Runs ``requests`` (frame, running), each after the responses to those before it,
-    and checks the response bytes and the port writes against `host.protocol.serve`.
-    Returns the cycles of each request's last byte and of each response byte."""
+    and checks the response bytes, the port writes and the model flag after each request
+    against `host.protocol.serve`. Returns the cycles of each request's last byte and of
+    each response byte."""
     want, due, ref = expected(requests, kw.get("cfg", DEFAULT))
-    got, port, last, cycles = run_link([(f, r, n) for (f, r), n in zip(requests, due)], **kw)
+    got, port, last, cycles, flags = run_link([(f, r, n) for (f, r), n in zip(requests, due)], **kw)
     assert got == want
     assert port.writes == ref.writes
+    assert flags == ref.flags
     return last, cycles
 
 
@@ -244,7 +251,7 @@ def test_link_identify_write_read_status():
     prog = address(Region.PROGRAM, 10, DEFAULT)
     words = [0xDEADBEEF, 1, 2, 0xFFFFFFFF, 0x12345678]
     reqs = [hp.identify(1), hp.write(2, prog, words), hp.read(3, prog, len(words)),
-            hp.status(4), hp.start(5, 0x1234), hp.abort(6), hp.read(7, _reg(Regs.ID), 20)]
+            hp.status(4), hp.loaded(5), hp.start(5, 0x1234), hp.abort(6), hp.read(7, _reg(Regs.ID), 20)]
     last, cycles = exchange([(f, False) for f in reqs])
     # the first response byte is offered 3 cycles after the request's last byte; a WRITE
     # of n words first writes them, in n + 1 cycles
@@ -264,7 +271,7 @@ def test_link_errors():
     enc = hp.encode_frame
     prog = address(Region.PROGRAM, 0, DEFAULT)
     reqs = [
-        (enc(0x07, 1), False), (enc(0x00, 2, b"xx"), False),            # unknown
+        (enc(0x08, 1), False), (enc(0x00, 2, b"xx"), False),            # unknown
         (enc(hp.Command.IDENTIFY, 3, b"\\0"), False),                      # bad lengths
         (enc(hp.Command.WRITE, 4, b"\\0" * 5), False),
         (enc(hp.Command.WRITE, 5, b"\\0" * 4), False),
@@ -277,6 +284,40 @@ def test_link_errors():
         (hp.read(13, _reg(Regs.LFSR), 2), True),                           # runs out of REGS
         (hp.identify(14), True), (hp.status(15), True), (hp.abort(16), True),
     ]
+    exchange(reqs)
+
+
+def test_link_model_flag():
+    """The model flag (docs/protocol.md): START before LOADED, after a WRITE to WEIGHTS or
+    BIASES (one chunk: a load cut short) gets NO_MODEL and writes nothing; LOADED while
+    running is refused; refused or dropped WRITEs, READs and WRITEs elsewhere leave the
+    flag as it was. exchange checks the bytes, the port writes and ``loaded`` after every
+    request against serve; the codes are checked here, so a serve that lost the flag
+    fails too."""
+    w, b = address(Region.WEIGHTS, 0, DEFAULT), address(Region.BIASES, 0, DEFAULT)
+    top = windows(DEFAULT)[Region.WEIGHTS].limit
+    cut = list(hp.write(20, w, [1, 2]))[:9] + [None]
+    reqs = [(hp.start(1, 0), False),                                 # NO_MODEL: reset
+            (hp.loaded(2), True),                                    # RUNNING
+            (hp.start(3, 0), False),                                 # NO_MODEL
+            (hp.loaded(4), False), (hp.start(5, 7), False),          # runs
+            (hp.write(6, w + top - 1, [1, 2]), False),               # BAD_ADDRESS: kept
+            (hp.write(7, w, [1, 2]), True),                          # RUNNING: kept
+            (cut, False),                                            # dropped: kept
+            (hp.read(8, w, 2), False), (hp.write(9, address(Region.ADAPTERS, 0, DEFAULT), [5]), False),
+            (hp.start(10, 8), False),                                # runs
+            (hp.write(11, w + 2, [3]), False), (hp.start(12, 0), False),     # NO_MODEL
+            (hp.loaded(13), False), (hp.write(14, b + 8, [4]), False),
+            (hp.start(15, 0), False),                                # NO_MODEL
+            (hp.loaded(16), False), (hp.start(17, 9), True)]         # START_WHILE_RUNNING
+    want, _, ref = expected(reqs)
+    errors = [(f.seq, f.payload[1]) for f in hp.FrameParser().feed(want) if f.cmd == hp.ERROR_CMD]
+    E = hp.ErrorCode
+    assert errors == [(1, E.NO_MODEL), (2, E.RUNNING), (3, E.NO_MODEL), (6, E.BAD_ADDRESS),
+                      (7, E.RUNNING), (12, E.NO_MODEL), (15, E.NO_MODEL), (17, E.START_WHILE_RUNNING)]
+    assert ref.flags == [False, False, False, True, True, True, True, True, True, True, True,
+                         False, False, True, False, False, True, True]
+    assert [wd for a, wd in ref.writes if a == _reg(Regs.CONTROL)] == [1 | 7 << 16, 1 | 8 << 16]
     exchange(reqs)
 
 
@@ -336,7 +377,7 @@ def test_link_back_to_back():
     prog = address(Region.PROGRAM, 0, DEFAULT)
     reqs = [hp.write(1, prog, [3, 4, 5]), hp.read(2, prog, 3)]
     want, due, ref = expected([(f, False) for f in reqs])
-    got, port, _, _ = run_link([(reqs[0], False, 0), (reqs[1], False, due[-1])], stall=0.9)
+    got, port, _, _, _ = run_link([(reqs[0], False, 0), (reqs[1], False, due[-1])], stall=0.9)
     assert got == want and port.writes == ref.writes
 
 
@@ -348,7 +389,6 @@ def test_device_cocotb():
                                   "tests.gateware.cocotb_link", DEFAULT,
                                   env={"SKIPTUNE_LINK_DIVISOR": str(SIM_DIVISOR)})
     print(f"verilator: build {rtl.build_seconds:.1f} s, {tests} tests in {wall:.1f} s")
-
 
 def test_link_drops_corrupted_frames():
     """The issue's figure at the LinkController: seeded corrupted requests (1..3 flipped
