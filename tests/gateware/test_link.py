@@ -383,12 +383,22 @@ def test_link_back_to_back():
 
 # ---------------------------------------------------------------- Device on Verilator -
 
-def test_device_cocotb():
-    """The whole device at its pins, UART divisor 4, on Verilator (cocotb_link.py)."""
+def test_device_cocotb(tmp_path):
+    """The whole device at its pins, UART divisor 4, on Verilator (cocotb_link.py),
+    with the figure of its seeded corrupted frames."""
+    import json
+
+    report = tmp_path / "link-report.json"
     rtl, tests, wall = run_cocotb("verilator", "device", Device(DEFAULT, divisor=SIM_DIVISOR),
                                   "tests.gateware.cocotb_link", DEFAULT,
-                                  env={"SKIPTUNE_LINK_DIVISOR": str(SIM_DIVISOR)})
+                                  env={"SKIPTUNE_LINK_DIVISOR": str(SIM_DIVISOR),
+                                       "SKIPTUNE_LINK_CORRUPT": "100",
+                                       "SKIPTUNE_LINK_REPORT": str(report)})
     print(f"verilator: build {rtl.build_seconds:.1f} s, {tests} tests in {wall:.1f} s")
+    figures = json.loads(report.read_text())["corrupted_frames"]
+    print(f"corrupted frames (device pins): {figures}")
+    assert figures["tried"] == 100 and figures["answered"] == figures["changed_state"] == 0
+
 
 def test_link_drops_corrupted_frames():
     """The issue's figure at the LinkController: seeded corrupted requests (1..3 flipped
