@@ -456,9 +456,10 @@ def run_bench(args):
         "targets": {"digits_compute_ms_max": TARGET_DIGITS_MS, "fraction_of_ideal_min": TARGET_FRACTION_OF_IDEAL},
         "workloads": {},
     }
-    for name in names:
-        wl = load_workload(name, None, args.data if name == "fan" else None)
-        model = load_base_model(name, None)
+    # every workload loads before the first simulation: a missing data folder fails at once
+    loaded = {name: (load_workload(name, None, args.data if name == "fan" else None), load_base_model(name, None))
+              for name in names}
+    for name, (wl, model) in loaded.items():
         entry = {"drift": wl.drift, "samples": len(wl.target_train), "epochs": epochs,
                  "macs_per_sample": {"frozen_forward": model.macs,
                                      "adapters": sum(adapter_macs(model, schedule.rank))},

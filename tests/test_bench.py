@@ -179,6 +179,8 @@ def test_clock_from_matching_report_only(tmp_path):
     (["--workloads", ","], "--workloads"),
     (["--workloads", "digits,digits"], "twice"),
     (["--board", "icebreaker"], "icebreaker"),
+    # before any simulation: every workload loads first
+    (["--data", "/nonexistent/cooling-fan"], "/nonexistent/cooling-fan"),
 ])
 def test_bad_options_one_line(args, fragment, capsys, tmp_path):
     assert main(["bench", "--out", str(tmp_path), *args]) == 2
