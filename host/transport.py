@@ -64,16 +64,20 @@ class ModelTransport:
         self._out = bytearray()
 
     def write(self, data):
-        for frame in self._parser.feed(data):
+        self._serve(self._parser.feed(data))
+
+    def _serve(self, frames):
+        for frame in frames:
             response = serve(frame, self.machine)
             if response is not None:
                 self._out += response
 
     def read(self, n, timeout):
         if not self._out and timeout:
-            # nothing will come: a dropped frame waits out the timeout, as on a board
+            # nothing will come: a dropped frame waits out the timeout, as on a board; the
+            # watchdog's rescan may find a whole frame behind a false start, which is served
             time.sleep(min(timeout, 0.01))
-            self._parser.expire()
+            self._serve(self._parser.expire())
         data = bytes(self._out[:n])
         del self._out[:n]
         return data
