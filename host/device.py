@@ -206,7 +206,10 @@ class Device:
         """The response payload to the request ``make(seq)`` (called for each attempt, with
         a new seq); ``on_lost()`` after a failed attempt may return the result instead of
         resending (START)."""
-        name = P.Command(cmd).name
+        try:
+            name = P.Command(cmd).name
+        except ValueError:
+            name = f"command 0x{cmd:02x}"     # one the device may not know (tests)
         attempts = 1 + self.retries
         for attempt in range(attempts):
             self._seq = (self._seq + 1) & 0xFF

@@ -158,6 +158,49 @@ def test_finetune_before_a_model_is_loaded(digits):
     assert res.sha256 == adapters_sha256(finetune_fixed(model, x, y, schedule, DEFAULT).masters)
 
 
+def _trigger(code, dev, machine):
+    """Make the model device answer a request with ``code``, for real."""
+    E = P.ErrorCode
+    if code is E.UNKNOWN_COMMAND:           # what an older bitstream answers a newer command
+        dev.request(lambda seq: P.encode_frame(0x08, seq))
+    elif code is E.BAD_LENGTH:
+        dev.request(lambda seq: P.encode_frame(P.Command.STATUS, seq, b"?"))
+    elif code is E.RUNNING:
+        machine.running = True
+        dev.write_words(address(Region.PROGRAM, 0, DEFAULT), [0])
+    elif code is E.START_WHILE_RUNNING:
+        before = dev.status()
+        machine.running = True
+        dev.start(0, before)
+    elif code is E.BAD_ADDRESS:
+        dev.read_words(0x0A000000, 1)
+    elif code is E.NO_MODEL:
+        dev.start(0, dev.status())
+    else:
+        raise AssertionError(f"no way to make the device answer {code.name}")
+
+
+@pytest.mark.parametrize("code", list(P.ErrorCode), ids=lambda c: c.name)
+def test_every_error_code_is_reported_in_one_line(code):
+    """Each code the device can answer is raised by the host as one DeviceError line
+    (the CLI prints it as ``skiptune: error: <line>``, exit 2) that names the device,
+    the command, what the code means (host.protocol.ERROR_TEXT) and the code; an error
+    response is never retried."""
+    t = ModelTransport()
+    dev = Device(t, DEFAULT, "model", timeout=0.05, retries=3)
+    with pytest.raises(DeviceError) as e:
+        _trigger(code, dev, t.machine)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 200
+    assert msg.startswith("model: device refused ")
+    assert msg.endswith(f": {P.ERROR_TEXT[code]} ({code.name}, {code.value})")
+    assert dev.retries_total == 0
+    assert len(set(P.ERROR_TEXT.values())) == len(P.ErrorCode)      # each says something else
+    # a code this host does not know (a newer bitstream) is still one line
+    unknown = str(P.ProtocolError(P.Command.START, 42))
+    assert "\n" not in unknown and unknown.endswith("(error 42, 42)")
+
+
 def test_unknown_and_serial_without_port():
     with pytest.raises(DeviceError, match="unknown device"):
         open_device("fpga")
