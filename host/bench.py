@@ -26,8 +26,9 @@ import time
 
 import numpy as np
 
+from firmware.compiler import compile_finetune
 from gateware.config import BOARDS, board_config
-from sim.finetune import (Schedule, adapter_macs, batch_order, evaluate_float, evaluate_fixed,
+from sim.finetune import (Schedule, ScheduleError, adapter_macs, batch_order, evaluate_float, evaluate_fixed,
                           finetune_float, float_optimizer, init_adapters)
 from sim.float_model import FloatNet, adapter_grads, adapter_logits, ce_grad
 
@@ -460,6 +461,14 @@ def run_bench(args):
     loaded = {name: (load_workload(name, None, args.data if name == "fan" else None), load_base_model(name, None))
               for name in names}
     for name, (wl, model) in loaded.items():
+        # and a board whose configuration cannot run one (the smaller ECP5 parts) says so
+        # now, not after minutes of simulation
+        for cache in (True, False):
+            try:
+                compile_finetune(model, Schedule(epochs=epochs, cache=cache), cfg, len(wl.target_train))
+            except ScheduleError as e:
+                raise UsageError(f"{name} on board {args.board}: {e} (--workloads chooses others)") from None
+    for name, (wl, model) in loaded.items():
         entry = {"drift": wl.drift, "samples": len(wl.target_train), "epochs": epochs,
                  "macs_per_sample": {"frozen_forward": model.macs,
                                      "adapters": sum(adapter_macs(model, schedule.rank))},
@@ -615,7 +624,7 @@ def _plot(record, path):
         return None
     names = list(record["workloads"])
     mhz = record["device"]["clock_hz"] / 1e6
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 5), squeeze=False)
     for ax, name in zip(axes[0], names):
         e = record["workloads"][name]
         epochs = np.arange(1, e["epochs"] + 1)
@@ -634,8 +643,10 @@ def _plot(record, path):
         ax.set_ylabel("time per epoch (ms)")
         ax.set_title(f"{name} ({e['drift']}), {e['samples']} samples")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    # one legend under the panels: the same lines in each, and none hides a curve
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -135,26 +135,34 @@ def test_bench_quick(tmp_path, capsys):
 
 
 def test_cpu_implementations_are_the_reference():
-    """PyTorch (in float64 here; one thread, and two with the cache off) and the NumPy cache-off loop train the adapters that
-    `sim.finetune.finetune_float` trains, with and without the activation cache."""
+    """PyTorch (in float64 here) and the NumPy cache-off loop train the adapters that
+    `sim.finetune.finetune_float` trains, with and without the activation cache; PyTorch
+    on two threads too (on 40 samples: on a loaded machine its threads are slow)."""
+    try:
+        import torch  # noqa: F401
+        runs = [("torch", 1)]
+    except ImportError:
+        runs = []
     cfg = board_config(BOARD)
     for name in ("digits", "fan") if os.path.isdir(FAN_DATA) else ("digits",):
         wl = load_workload(name)
         model = load_base_model(name, None)
         tr = wl.target_train
-        ref = finetune_float(model, tr.x, tr.y, Schedule(epochs=2), cfg)
-        for cache in (True, False):
-            s = Schedule(epochs=2, cache=cache)
-            got = [numpy_finetune(model, tr.x, tr.y, s, cfg)[0]]
-            try:
-                import torch  # noqa: F401
-                got.append(torch_finetune(model, tr.x, tr.y, s, cfg, "float64", 1 if cache else 2)[0])
-            except ImportError:
-                pass
-            for adapters in got:
+        cases = [(len(tr), [("numpy", 1), *runs])]
+        if runs and name == "digits":
+            cases.append((40, [("torch", 2)]))
+        for n, variants in cases:
+            x, y = tr.x[:n], tr.y[:n]
+            ref = finetune_float(model, x, y, Schedule(epochs=2), cfg)
+            for (backend, threads), cache in ((v, c) for v in variants for c in (True, False)):
+                s = Schedule(epochs=2, cache=cache)
+                if backend == "numpy":
+                    adapters = numpy_finetune(model, x, y, s, cfg)[0]
+                else:
+                    adapters = torch_finetune(model, x, y, s, cfg, "float64", threads)[0]
                 for (a, b), (ra, rb) in zip(adapters, ref):
-                    np.testing.assert_allclose(a, ra, rtol=0, atol=1e-10)
-                    np.testing.assert_allclose(b, rb, rtol=0, atol=1e-10)
+                    np.testing.assert_allclose(a, ra, rtol=0, atol=1e-10, err_msg=f"{name} {backend} {threads}")
+                    np.testing.assert_allclose(b, rb, rtol=0, atol=1e-10, err_msg=f"{name} {backend} {threads}")
 
 
 def test_clock_from_matching_report_only(tmp_path):
