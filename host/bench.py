@@ -587,12 +587,13 @@ def format_markdown(record):
         row("MAC utilization, cached epochs: array / adapter lanes", lambda e: util(e, "cached")),
         row(f"CPU {primary}, 1 thread: cache on / off",
             lambda e: f"{cpu(e, 1, 'on')} / {cpu(e, 1, 'off')}"),
-        row(f"CPU {primary}, {n_threads} threads: cache on / off",
-            lambda e: f"{cpu(e, n_threads, 'on')} / {cpu(e, n_threads, 'off')}"),
+        *([row(f"CPU {primary}, {n_threads} threads: cache on / off",
+               lambda e: f"{cpu(e, n_threads, 'on')} / {cpu(e, n_threads, 'off')}")] if n_threads > 1 else []),
         row("CPU numpy float64, 1 thread: cache on / off",
             lambda e: f"{cpu(e, 1, 'on', 'numpy')} / {cpu(e, 1, 'off', 'numpy')}"),
         row(f"device (cache on) vs CPU {primary} 1 thread (cache on)", lambda e: ratio(e, 1)),
-        row(f"device (cache on) vs CPU {primary} {n_threads} threads (cache on)", lambda e: ratio(e, n_threads)),
+        *([row(f"device (cache on) vs CPU {primary} {n_threads} threads (cache on)", lambda e: ratio(e, n_threads))]
+          if n_threads > 1 else []),
         row("device (cache on) vs the fastest CPU run (cache on)",
             lambda e: f"{ratio(e, 'fastest')} ({e['cpu']['fastest']['backend']}, "
                       f"{e['cpu']['fastest']['threads']} thread{'s' if e['cpu']['fastest']['threads'] > 1 else ''}, "
