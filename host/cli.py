@@ -1,4 +1,4 @@
-"""The `skiptune` command line: info, finetune, eval, build, flash.
+"""The `skiptune` command line: info, finetune, eval, bench, build, flash.
 
 Every error a user can cause (a bad workload, drift spec, data folder or file) ends in
 one line on stderr and exit status 2; an interrupted run exits 130.
