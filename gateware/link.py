@@ -12,9 +12,9 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from firmware.memmap import OFFSET_BITS, PORT_ADDR_BITS, Control, Region, Regs
-from firmware.protocol import (ERROR_CMD, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS, MODEL_REGIONS,
-                               RESPONSE, STATUS_REGS, SYNC, WATCHDOG_BYTES, Command, ErrorCode,
-                               windows)
+from firmware.protocol import (CRC_BYTES, ERROR_CMD, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS,
+                               MODEL_REGIONS, RESPONSE, STATUS_REGS, SYNC, WATCHDOG_BYTES,
+                               Command, ErrorCode, windows)
 
 from .config import DEFAULT, AccelConfig
 from .top import host_port
@@ -23,7 +23,8 @@ from .uart import divisor_for
 __all__ = ["LinkController", "timeout_cycles", "Command", "ErrorCode", "SYNC", "MAX_PAYLOAD",
            "MAX_WORDS", "WATCHDOG_BYTES", "RESPONSE", "ERROR_CMD"]
 
-CRC16 = crc.catalog.CRC16_CCITT_FALSE       # host.protocol.crc16 is the same function
+CRC32 = crc.catalog.CRC32_ISO_HDLC          # host.protocol.crc32 (zlib.crc32) is the same function
+assert CRC_BYTES == 4
 
 # STATUS reads its registers in one sweep that steps over CONTROL
 assert STATUS_REGS == tuple(r for r in Regs if STATUS_REGS[0] <= r <= STATUS_REGS[-1]
@@ -103,8 +104,8 @@ class LinkController(wiring.Component):
         m = Module()
         m.submodules.buffer = buffer = Memory(shape=32, depth=2 * MAX_WORDS, init=[])
         buf_w, buf_r = buffer.write_port(), buffer.read_port()
-        m.submodules.rx_crc = rx_crc = CRC16(data_width=8).create()
-        m.submodules.tx_crc = tx_crc = CRC16(data_width=8).create()
+        m.submodules.rx_crc = rx_crc = CRC32(data_width=8).create()
+        m.submodules.tx_crc = tx_crc = CRC32(data_width=8).create()
 
         # --- receiver ----------------------------------------------------------------------
         byte, got = self.rx.payload, self.rx.valid
@@ -114,7 +115,8 @@ class LinkController(wiring.Component):
         r_head = Signal(48)             # payload bytes 0..5: address and count, or entry pc
         r_idx = Signal(range(MAX_PAYLOAD))
         r_word = Signal(24)             # the low bytes of the payload word being assembled
-        r_crc_lo = Signal(8)
+        r_crc = Signal(24)              # the CRC field's first three bytes
+        r_crc_idx = Signal(2)           # the CRC byte expected next
         r_buf = Signal()                # the buffer the receiver fills
         x_idle = Signal()
         pending = Signal()
@@ -142,6 +144,7 @@ class LinkController(wiring.Component):
         with m.FSM(name="receiver"):
             with m.State("HUNT"):
                 m.d.comb += [waiting.eq(1), rx_crc.start.eq(1)]
+                m.d.sync += r_crc_idx.eq(0)     # the watchdog may have ended a frame mid-CRC
                 with m.If(got & (byte == SYNC)):
                     m.next = "CMD"
             with on_byte("CMD"):
@@ -159,7 +162,7 @@ class LinkController(wiring.Component):
                 with m.If(length > MAX_PAYLOAD):
                     m.next = "HUNT"
                 with m.Elif(length == 0):
-                    m.next = "CRC_LO"
+                    m.next = "CRC"
                 with m.Else():
                     m.next = "PAYLOAD"
             with on_byte("PAYLOAD"):
@@ -171,14 +174,14 @@ class LinkController(wiring.Component):
                              buf_w.addr.eq(Cat(((r_idx >> 2) - 1)[:8], r_buf)),
                              buf_w.data.eq(Cat(r_word, byte))]
                 with m.If(r_idx == r_len - 1):
-                    m.next = "CRC_LO"
-            with on_byte("CRC_LO", in_crc=False):
-                m.d.sync += r_crc_lo.eq(byte)
-                m.next = "CRC_HI"
-            with on_byte("CRC_HI", in_crc=False):
-                m.next = "HUNT"
-                with m.If(Cat(r_crc_lo, byte) == rx_crc.crc):
-                    m.next = "PENDING"
+                    m.next = "CRC"
+            with on_byte("CRC", in_crc=False):
+                # rx_crc holds the CRC of cmd .. payload: the field's bytes are not fed
+                m.d.sync += [r_crc.eq(Cat(r_crc[8:], byte)), r_crc_idx.eq(r_crc_idx + 1)]
+                with m.If(r_crc_idx == CRC_BYTES - 1):
+                    m.next = "HUNT"
+                    with m.If(Cat(r_crc, byte) == rx_crc.crc):
+                        m.next = "PENDING"
             with m.State("PENDING"):
                 # a good frame for the executor; bytes arriving before it is taken are
                 # dropped (the third frame of the docstring)
@@ -260,6 +263,7 @@ class LinkController(wiring.Component):
         sent = tx.valid & tx.ready
         m.d.comb += tx_crc.data.eq(tx.payload)
         h_idx = Signal(range(5))          # header byte
+        c_idx = Signal(2)                 # CRC byte
         shift = Signal(32)                # the payload word (or error bytes) being sent
         left = Signal(range(5))           # its bytes still to send
         w_idx = Signal(range(MAX_WORDS + 2))
@@ -268,7 +272,7 @@ class LinkController(wiring.Component):
         with m.FSM(name="executor"):
             with m.State("IDLE"):
                 m.d.comb += [x_idle.eq(1), tx_crc.start.eq(1)]
-                m.d.sync += [h_idx.eq(0), w_idx.eq(0), w_valid.eq(0)]
+                m.d.sync += [h_idx.eq(0), c_idx.eq(0), w_idx.eq(0), w_valid.eq(0)]
                 with m.If(handoff):
                     m.next = "EXEC"
             with m.State("EXEC"):
@@ -311,7 +315,7 @@ class LinkController(wiring.Component):
                         with m.Elif(x_reads):
                             m.next = "FETCH"
                         with m.Else():
-                            m.next = "CRC_LO"
+                            m.next = "CRC"
             with m.State("FETCH"):
                 m.d.comb += [self.re.eq(1), self.addr.eq(x_addr)]
                 # STATUS's eight registers skip CONTROL, the only gap among them
@@ -326,15 +330,13 @@ class LinkController(wiring.Component):
                 with m.If(sent):
                     m.d.sync += [shift.eq(shift >> 8), left.eq(left - 1)]
                     with m.If(left == 1):
-                        m.next = "CRC_LO"
+                        m.next = "CRC"
                         with m.If(x_reads & (x_count != 0)):
                             m.next = "FETCH"
-            with m.State("CRC_LO"):
-                m.d.comb += [tx.valid.eq(1), tx.payload.eq(tx_crc.crc[:8])]
+            with m.State("CRC"):
+                m.d.comb += [tx.valid.eq(1), tx.payload.eq(tx_crc.crc.word_select(c_idx, 8))]
                 with m.If(sent):
-                    m.next = "CRC_HI"
-            with m.State("CRC_HI"):
-                m.d.comb += [tx.valid.eq(1), tx.payload.eq(tx_crc.crc[8:])]
-                with m.If(sent):
-                    m.next = "IDLE"
+                    m.d.sync += c_idx.eq(c_idx + 1)
+                    with m.If(c_idx == CRC_BYTES - 1):
+                        m.next = "IDLE"
         return m

@@ -1,9 +1,9 @@
 """The host link's UART protocol (docs/protocol.md): frames, CRC, requests, responses,
 and the device's side as a pure function of a host port.
 
-    0xA5 | cmd | seq | len_lo | len_hi | payload | crc_lo | crc_hi
+    0xA5 | cmd | seq | len_lo | len_hi | payload | crc (4 bytes, little-endian)
 
-- `crc16` is CRC-16/CCITT-FALSE over ``cmd .. payload``; `encode_frame` builds a frame,
+- `crc32` is CRC-32 (IEEE 802.3: zlib.crc32) over ``cmd .. payload``; `encode_frame` builds a frame,
   `FrameParser` finds frames in a byte stream (hunting for 0xA5, dropping frames with a
   bad CRC or a length above `MAX_PAYLOAD`, and counting what it dropped).
 - `identify`, `write`, `read`, `start`, `status`, `abort`, `loaded` build requests;
@@ -17,19 +17,19 @@ and the device's side as a pure function of a host port.
   gateware (`gateware/link.py`) serves the same.
 """
 
-import binascii
 import dataclasses
 import struct
+import zlib
 
 from firmware.memmap import OFFSET_BITS, PORT_ADDR_BITS, Control, Region, Regs
-from firmware.protocol import (ERROR_CMD, HEADER_BYTES, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS,
+from firmware.protocol import (CRC_BYTES, ERROR_CMD, HEADER_BYTES, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS,
                                MODEL_REGIONS, OVERHEAD_BYTES, RESPONSE, STATUS_REGS, SYNC,
                                WATCHDOG_BYTES, Command, ErrorCode, address_ok)
 
 __all__ = ["SYNC", "MAX_PAYLOAD", "MAX_WORDS", "WATCHDOG_BYTES", "HEADER_BYTES", "OVERHEAD_BYTES",
            "Command", "ERROR_CMD", "RESPONSE", "ErrorCode", "ERROR_TEXT", "ProtocolError", "LinkError",
            "Frame",
-           "crc16", "encode_frame", "decode_frame", "FrameParser",
+           "CRC_BYTES", "crc32", "encode_frame", "decode_frame", "FrameParser",
            "identify", "write", "read", "start", "status", "abort", "loaded", "error_response",
            "MODEL_REGIONS",
            "response_payload", "parse_identify", "parse_read", "parse_status", "Identity",
@@ -89,9 +89,15 @@ class Frame:
         return encode_frame(self.cmd, self.seq, self.payload)
 
 
-def crc16(data, crc=0xFFFF):
-    """CRC-16/CCITT-FALSE: polynomial 0x1021, initial 0xFFFF, no reflection, no final xor."""
-    return binascii.crc_hqx(bytes(data), crc)
+def crc32(data):
+    """CRC-32 of IEEE 802.3 (zlib's): polynomial 0x04C11DB7 reflected, initial and final
+    xor 0xFFFFFFFF."""
+    return zlib.crc32(bytes(data))
+
+
+def _crc_at(buf, i):
+    """The CRC field at ``buf[i:i + CRC_BYTES]``."""
+    return int.from_bytes(buf[i:i + CRC_BYTES], "little")
 
 
 def encode_frame(cmd, seq, payload=b""):
@@ -99,7 +105,7 @@ def encode_frame(cmd, seq, payload=b""):
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(payload)} bytes; at most {MAX_PAYLOAD}")
     body = struct.pack("<BBH", cmd & 0xFF, seq & 0xFF, len(payload)) + payload
-    return bytes([SYNC]) + body + struct.pack("<H", crc16(body))
+    return bytes([SYNC]) + body + struct.pack("<I", crc32(body))
 
 
 def decode_frame(data):
@@ -111,7 +117,7 @@ def decode_frame(data):
     n = data[3] | data[4] << 8
     if n > MAX_PAYLOAD or len(data) != OVERHEAD_BYTES + n:
         return None
-    if crc16(data[1:HEADER_BYTES + n]) != (data[-2] | data[-1] << 8):
+    if crc32(data[1:HEADER_BYTES + n]) != _crc_at(data, HEADER_BYTES + n):
         return None
     return Frame(data[1], data[2], data[HEADER_BYTES:HEADER_BYTES + n])
 
@@ -171,13 +177,13 @@ class FrameParser:
             if len(buf) < OVERHEAD_BYTES + n:
                 return out
             end = HEADER_BYTES + n
-            if crc16(buf[1:end]) != (buf[end] | buf[end + 1] << 8):
+            if crc32(buf[1:end]) != _crc_at(buf, end):
                 self.bad_crc += 1
                 del buf[:1]
                 continue
             out.append(Frame(buf[1], buf[2], bytes(buf[HEADER_BYTES:end])))
             self.frames += 1
-            del buf[:end + 2]
+            del buf[:end + CRC_BYTES]
 
 
 # ---------------------------------------------------------------- requests ----------

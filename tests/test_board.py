@@ -121,18 +121,18 @@ def test_missing_tools_raise(monkeypatch):
     assert issubclass(sim_board.BoardError, RuntimeError)
 
 
-def crc16(data):
-    crc = 0xFFFF
+def crc32(data):
+    """CRC-32 of IEEE 802.3, bit by bit (the frames' CRC, docs/protocol.md)."""
+    crc = 0xFFFFFFFF
     for byte in data:
-        crc ^= byte << 8
+        crc ^= byte
         for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-            crc &= 0xFFFF
-    return crc
+            crc = (crc >> 1) ^ 0xEDB88320 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
 
 
-def test_crc16_check_value():
-    assert crc16(b"123456789") == 0x29B1             # CRC-16/CCITT-FALSE
+def test_crc32_check_value():
+    assert crc32(b"123456789") == 0xCBF43926
 
 
 def device_missing():
@@ -147,17 +147,17 @@ def device_missing():
 def test_device_identify():
     seq = 0x37
     body = bytes([0x01, seq, 0x00, 0x00])
-    frame = bytes([0xA5]) + body + struct.pack("<H", crc16(body))
+    frame = bytes([0xA5]) + body + struct.pack("<I", crc32(body))
     with sim_board.launch(DEFAULT, divisor=4) as board:
         with serial.Serial(board.path, timeout=1) as port:
             port.write(frame)
             head = read_exactly(port, 5, timeout=60)
             assert head[:3] == bytes([0xA5, 0x81, seq]), head.hex()
             n = head[3] | head[4] << 8
-            rest = read_exactly(port, n + 2, timeout=60)
-            assert len(rest) == n + 2
+            rest = read_exactly(port, n + 4, timeout=60)
+            assert len(rest) == n + 4
             payload = rest[:n]
-            assert crc16(head[1:] + payload) == (rest[-2] | rest[-1] << 8)
+            assert crc32(head[1:] + payload) == int.from_bytes(rest[-4:], "little")
             assert n == 12
             ident, config_hash, _geometry = struct.unpack("<3I", payload)
             assert ident == 0x534B5431

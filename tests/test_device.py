@@ -93,17 +93,19 @@ def test_bytes_counted_and_bursts():
     t = CountingTransport()
     dev = Device(t, DEFAULT, "model")
     dev.identify()
-    assert dev.bytes_sent == len(P.identify(1)) == 7
-    assert dev.bytes_received == 7 + 12
+    o = P.OVERHEAD_BYTES
+    assert o == 9
+    assert dev.bytes_sent == len(P.identify(1)) == o
+    assert dev.bytes_received == o + 12
     base = address(Region.ADAPTERS, 0, DEFAULT)
     words = list(range(600))
     t.sent.clear()
     dev.write_words(base, words)
-    assert [len(f) for f in t.sent] == [7 + 4 + 4 * n for n in (256, 256, 88)]
+    assert [len(f) for f in t.sent] == [o + 4 + 4 * n for n in (256, 256, 88)]
     assert dev.read_words(base, 600) == words
-    assert [len(f) for f in t.sent[3:]] == [7 + 6] * 3
-    assert dev.bytes_sent == 7 + sum(len(f) for f in t.sent)
-    assert dev.bytes_received == 19 + 3 * 7 + sum(7 + 4 * n for n in (256, 256, 88))
+    assert [len(f) for f in t.sent[3:]] == [o + 6] * 3
+    assert dev.bytes_sent == o + sum(len(f) for f in t.sent)
+    assert dev.bytes_received == o + 12 + 3 * o + sum(o + 4 * n for n in (256, 256, 88))
     # consecutive addresses merge; a gap starts a new burst
     assert bursts([(0, 1), (1, 2), (3, 3), (4, 4)]) == [(0, [1, 2]), (3, [3, 4])]
 

@@ -20,33 +20,35 @@ small_frames = st.builds(Frame, st.integers(0, 255), st.integers(0, 255), st.bin
 
 
 def crc_bitwise(data):
-    crc = 0xFFFF
+    """CRC-32 of IEEE 802.3 from its definition: reflected polynomial 0xEDB88320, initial
+    value and final xor 0xFFFFFFFF."""
+    crc = 0xFFFFFFFF
     for b in data:
-        crc ^= b << 8
+        crc ^= b
         for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
-    return crc
+            crc = (crc >> 1) ^ 0xEDB88320 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
 
 
 # ---------------------------------------------------------------- CRC and frames ----
 
 def test_crc_known_answer():
-    assert P.crc16(b"123456789") == 0x29B1
-    assert P.crc16(b"") == 0xFFFF
+    assert P.crc32(b"123456789") == 0xCBF43926       # the catalogue's check value
+    assert P.crc32(b"") == 0
 
 
 @given(st.binary(max_size=64))
 def test_crc_matches_bitwise_definition(data):
-    assert P.crc16(data) == crc_bitwise(data)
+    assert P.crc32(data) == crc_bitwise(data)
 
 
 def test_frame_layout():
     f = P.encode_frame(0x02, 7, b"\x01\x02\x03")
     assert f[:5] == bytes([0xA5, 0x02, 7, 3, 0])
     assert f[5:8] == b"\x01\x02\x03"
-    assert struct.unpack("<H", f[8:])[0] == P.crc16(f[1:8])
-    # docs/protocol.md: a WRITE of 256 words is 1,035 bytes
-    assert len(P.write(0, 0, [0] * 256)) == 1035
+    assert struct.unpack("<I", f[8:])[0] == P.crc32(f[1:8]) and len(f) == 12
+    # docs/protocol.md: a WRITE of 256 words is 1,037 bytes
+    assert len(P.write(0, 0, [0] * 256)) == 1037
 
 
 @given(frames)
@@ -584,9 +586,10 @@ def test_corrupted_frames_never_change_machine_state():
           f"rejected {changed_rejected}; per kind (tried, rejected): {per_kind}")
     assert tried == n and good_changed > n // 2      # the snapshot does see the WRITEs
     assert changed_rejected == 0
-    # 1..3 flipped bits inside cmd..crc: CRC-16/CCITT-FALSE has Hamming distance 4 up to
-    # 32751 data bits, so every one is detected; a flip in the sync byte or the length
-    # moves the frame's boundaries and is caught by the CRC by chance (1 in 65536)
+    # 1..3 flipped bits inside cmd..crc: CRC-32 (IEEE 802.3) has Hamming distance 4 up to
+    # 91607 data bits (Koopman), a frame has at most 8256, so every one is detected; a
+    # flip in the sync byte or the length moves the frame's boundaries, and the damaged
+    # bytes then pass the CRC only by chance (1 in 2**32)
     assert flips_accepted == 0
     assert accepted == 0          # this seed; any frame out of damaged bytes needs a chance CRC match
 
@@ -607,14 +610,14 @@ _good = st.one_of(_requests, _any_frames)
 _pieces = st.one_of(
     st.tuples(st.just("noise"), st.binary(max_size=40)),
     st.tuples(st.just("good"), _good),
-    # 1..3 flipped bits: always caught (CRC-16/CCITT's Hamming distance is 4 for these lengths)
+    # 1..3 flipped bits: always caught (CRC-32's Hamming distance is 4 for these lengths)
     st.tuples(st.just("bad"), st.builds(_flipped, _good, st.lists(st.integers(0, 1 << 14), min_size=1,
                                                                    max_size=3, unique=True))),
     st.tuples(st.just("bad"), st.builds(lambda f, k: f[:1 + k % (len(f) - 1)], _good, st.integers(0, 1 << 12))))
 
 
 # derandomized: a cut frame completed by the bytes after it, or noise, can pass the CRC
-# by chance (1 in 65536); a fixed set of examples keeps that from making the test flaky
+# by chance (1 in 2**32); a fixed set of examples keeps that from making the test flaky
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(st.lists(_pieces, max_size=8), st.randoms(use_true_random=False))
 def test_model_device_decoder_arbitrary_bytes(pieces, rnd):

@@ -256,7 +256,7 @@ def test_link_identify_write_read_status():
     # the first response byte is offered 3 cycles after the request's last byte; a WRITE
     # of n words first writes them, in n + 1 cycles
     assert cycles[0] - last[0] == LATENCY
-    assert cycles[19] - last[1] == LATENCY + len(words) + 1
+    assert cycles[hp.OVERHEAD_BYTES + 12] - last[1] == LATENCY + len(words) + 1
 
 
 def test_link_long_write_read_with_stalls():
