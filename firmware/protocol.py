@@ -13,7 +13,8 @@ from .memmap import (OFFSET_BITS, PORT_ADDR_BITS, WRITABLE, Region, Regs, chunk_
                      region_words, word_bits)
 
 __all__ = ["SYNC", "MAX_PAYLOAD", "MAX_WORDS", "WATCHDOG_BYTES", "HEADER_BYTES", "CRC_BYTES", "OVERHEAD_BYTES",
-           "RESPONSE", "ERROR_CMD", "Command", "ErrorCode", "IDENTIFY_REGS", "STATUS_REGS", "MODEL_REGIONS",
+           "RESPONSE", "ERROR_CMD", "Command", "ErrorCode", "IDENTIFY_REGS", "STATUS_REGS", "STATUS_WORDS",
+           "MODEL_REGIONS",
            "Window",
            "windows", "address_ok"]
 
@@ -58,6 +59,9 @@ MODEL_REGIONS = (Region.WEIGHTS, Region.BIASES)
 IDENTIFY_REGS = (Regs.ID, Regs.CONFIG_HASH, Regs.GEOMETRY)
 STATUS_REGS = (Regs.STATUS, Regs.PC, Regs.INDEX, Regs.UPDATES, Regs.CYCLES, Regs.CYCLES_FROZEN,
                Regs.CYCLES_CACHED, Regs.CYCLES_INFER)
+# STATUS answers STATUS_REGS, then STARTS: the STARTs the link has served since reset
+# (mod 2**32), which tells a host whose START response was lost whether it took effect
+STATUS_WORDS = len(STATUS_REGS) + 1
 
 
 @dataclasses.dataclass(frozen=True)

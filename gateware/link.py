@@ -13,7 +13,8 @@ from amaranth.lib.wiring import In, Out
 
 from firmware.memmap import OFFSET_BITS, PORT_ADDR_BITS, Control, Region, Regs
 from firmware.protocol import (CRC_BYTES, ERROR_CMD, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS,
-                               MODEL_REGIONS, RESPONSE, STATUS_REGS, SYNC, WATCHDOG_BYTES,
+                               MODEL_REGIONS, RESPONSE, STATUS_REGS, STATUS_WORDS, SYNC,
+                               WATCHDOG_BYTES,
                                Command, ErrorCode, windows)
 
 from .config import DEFAULT, AccelConfig
@@ -78,7 +79,8 @@ class LinkController(wiring.Component):
     length, bad address, running, no model; the address check compares the range's first and last
     offsets with constants of the region's `firmware.protocol.Window`, before any word
     is written): WRITE does one port write per word per cycle before the response
-    goes out; START and ABORT write CONTROL; IDENTIFY, STATUS and READ read a word from
+    goes out; START and ABORT write CONTROL (a START served counts in the 32-bit START
+    count, which STATUS answers after its registers); IDENTIFY, STATUS and READ read a word from
     the port while the previous word's last byte is being sent, computing the response's
     CRC on the fly, so a response leaves with no gaps between bytes. Responses echo
     ``seq``. The first byte of a response is offered 3 cycles after the request's last
@@ -240,11 +242,13 @@ class LinkController(wiring.Component):
         x_reads = Signal()                          # IDENTIFY, STATUS, READ: words answer
         x_model = Signal()                          # a WRITE into MODEL_REGIONS
         x_rlen = Signal(16)
+        x_starts = Signal()                         # the word being fetched is STARTS
+        starts = Signal(32)                         # STARTs served since reset
         is_x = {c: x_cmd == c.value for c in Command}
         failed, x_failed = err != 0, x_err != 0
         reads = ~failed & (is_cmd[Command.IDENTIFY] | is_cmd[Command.STATUS] | is_cmd[Command.READ])
         words = Mux(is_cmd[Command.IDENTIFY], len(IDENTIFY_REGS),
-                Mux(is_cmd[Command.STATUS], len(STATUS_REGS),
+                Mux(is_cmd[Command.STATUS], STATUS_WORDS,
                 Mux(is_cmd[Command.READ], count, (r_len - 4) >> 2)))
         with m.If(handoff):
             m.d.sync += [
@@ -286,6 +290,8 @@ class LinkController(wiring.Component):
                             m.d.sync += self.loaded.eq(0)
                     with m.If(is_x[Command.LOADED]):
                         m.d.sync += self.loaded.eq(1)
+                    with m.If(is_x[Command.START]):
+                        m.d.sync += starts.eq(starts + 1)
                     with m.If(is_x[Command.START] | is_x[Command.ABORT]):
                         m.d.comb += [self.we.eq(1), self.addr.eq(x_addr),
                                      self.wdata.eq(Mux(is_x[Command.START],
@@ -317,13 +323,16 @@ class LinkController(wiring.Component):
                         with m.Else():
                             m.next = "CRC"
             with m.State("FETCH"):
-                m.d.comb += [self.re.eq(1), self.addr.eq(x_addr)]
+                # STATUS's last word is the link's START count, not a port register
+                last_status = is_x[Command.STATUS] & (x_count == 1)
+                m.d.comb += [self.re.eq(~last_status), self.addr.eq(x_addr)]
+                m.d.sync += x_starts.eq(last_status)
                 # STATUS's eight registers skip CONTROL, the only gap among them
                 m.d.sync += [x_addr.eq(x_addr + 1 + (is_x[Command.STATUS] & (x_addr == _reg(Regs.CONTROL - 1)))),
                              x_count.eq(x_count - 1)]
                 m.next = "CAPTURE"
             with m.State("CAPTURE"):
-                m.d.sync += [shift.eq(self.rdata), left.eq(4)]
+                m.d.sync += [shift.eq(Mux(x_starts, starts, self.rdata)), left.eq(4)]
                 m.next = "SEND"
             with m.State("SEND"):
                 m.d.comb += [tx.valid.eq(1), tx.payload.eq(shift[:8]), tx_crc.valid.eq(sent)]

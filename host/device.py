@@ -96,17 +96,12 @@ class Device:
       ``MIN_BURST`` words; the rest of the data goes in later requests), each success
       adds 4 words (up to 256): at 1 % faults per byte the bursts settle near 10 words.
     - START is not idempotent. `run` reads STATUS just before START (the device must be
-      idle); when a START attempt gets no valid response, the host reads STATUS again: if
-      the device is RUNNING, or any STATUS word (status, pc, index, updates, the cycle
-      counters) differs from the snapshot, the START took effect and is not resent. Only
-      an idle device whose STATUS equals the snapshot gets the START again. A START that
-      the device refuses with START_WHILE_RUNNING after an earlier attempt also means the
-      earlier one took effect. So a START is resent only while the device shows no sign
-      of any run since the snapshot: a program is never run twice, short of a whole run
-      leaving every STATUS word exactly as it found them (the same program run twice
-      back to back on the same data to the same cycle count, without the host's STATUS
-      polls ever seeing it running), which the host cannot tell apart from a lost START
-      without a device-side start counter.
+      idle); STATUS ends with the link's count of the STARTs it served since reset. When
+      a START attempt gets no valid response, the host reads STATUS again: if the count
+      moved, the START took effect and is not resent; only while it has not is the START
+      sent again. A START that the device refuses with START_WHILE_RUNNING after an
+      earlier attempt also means the earlier one took effect. So a program runs exactly
+      once per `start`, however many of its requests or responses the link loses.
 
     Resends are counted per command in ``retry_counts`` ({"WRITE": n, ...}); failed
     attempts by cause in ``link_errors`` (timeouts, bad frames, mismatched responses).
@@ -255,8 +250,7 @@ class Device:
             raise DeviceError(f"{self.name}: START while a program is running")
 
         def started():
-            st = self.status()
-            return bool(st.status & Status.RUNNING) or st != before
+            return self.status().starts != before.starts
 
         self._call(P.Command.START, lambda seq: P.start(seq, entry), on_lost=started)
 

@@ -23,7 +23,8 @@ import zlib
 
 from firmware.memmap import OFFSET_BITS, PORT_ADDR_BITS, Control, Region, Regs
 from firmware.protocol import (CRC_BYTES, ERROR_CMD, HEADER_BYTES, IDENTIFY_REGS, MAX_PAYLOAD, MAX_WORDS,
-                               MODEL_REGIONS, OVERHEAD_BYTES, RESPONSE, STATUS_REGS, SYNC,
+                               MODEL_REGIONS, OVERHEAD_BYTES, RESPONSE, STATUS_REGS, STATUS_WORDS,
+                               SYNC,
                                WATCHDOG_BYTES, Command, ErrorCode, address_ok)
 
 __all__ = ["SYNC", "MAX_PAYLOAD", "MAX_WORDS", "WATCHDOG_BYTES", "HEADER_BYTES", "OVERHEAD_BYTES",
@@ -33,7 +34,7 @@ __all__ = ["SYNC", "MAX_PAYLOAD", "MAX_WORDS", "WATCHDOG_BYTES", "HEADER_BYTES",
            "identify", "write", "read", "start", "status", "abort", "loaded", "error_response",
            "MODEL_REGIONS",
            "response_payload", "parse_identify", "parse_read", "parse_status", "Identity",
-           "StatusWords", "STATUS_REGS", "IDENTIFY_REGS", "serve"]
+           "StatusWords", "STATUS_REGS", "STATUS_WORDS", "IDENTIFY_REGS", "serve"]
 
 _ADDR_MASK = (1 << PORT_ADDR_BITS) - 1
 _WORD_MASK = 0xFFFFFFFF
@@ -250,6 +251,7 @@ class StatusWords:
     cycles_frozen: int
     cycles_cached: int
     cycles_infer: int
+    starts: int             # STARTs the link served since reset (not a port register)
 
 
 def _expect_len(frame, n):
@@ -269,7 +271,7 @@ def response_payload(frame, cmd, seq):
         raise ProtocolError(cmd, frame.payload[1])
     if frame.cmd != cmd | RESPONSE:
         raise LinkError(f"response cmd 0x{frame.cmd:02x} to command 0x{cmd:02x}")
-    n = {Command.IDENTIFY: 4 * len(IDENTIFY_REGS), Command.STATUS: 4 * len(STATUS_REGS)}.get(cmd)
+    n = {Command.IDENTIFY: 4 * len(IDENTIFY_REGS), Command.STATUS: 4 * STATUS_WORDS}.get(cmd)
     if n is not None or cmd in (Command.WRITE, Command.START, Command.ABORT, Command.LOADED):
         _expect_len(frame, n or 0)
     return frame.payload
@@ -305,7 +307,8 @@ def serve(frame, port, cfg=None):
     host port: ``read(address)``, ``write(address, word)``, ``running`` and ``cfg`` (the
     AccelConfig whose address map it serves, unless ``cfg`` is given), and carries the
     link's model flag ``loaded`` (False at reset), which serve sets on LOADED and clears
-    on every WRITE it serves to a region of MODEL_REGIONS.
+    on every WRITE it serves to a region of MODEL_REGIONS, and its count ``starts`` (0 at
+    reset) of the STARTs served, which STATUS answers after STATUS_REGS.
 
     Checks, in order: an unknown command (error 1), a bad length (error 2), a WRITE or
     READ reaching outside one region's memory (error 5, `firmware.protocol.address_ok`),
@@ -344,7 +347,7 @@ def serve(frame, port, cfg=None):
     if cmd is Command.IDENTIFY:
         return ok(port.read(_reg(r)) for r in IDENTIFY_REGS)
     if cmd is Command.STATUS:
-        return ok(port.read(_reg(r)) for r in STATUS_REGS)
+        return ok([port.read(_reg(r)) for r in STATUS_REGS] + [port.starts])
     if cmd is Command.ABORT:
         port.write(_reg(Regs.CONTROL), Control.ABORT)
         return ok()
@@ -359,6 +362,7 @@ def serve(frame, port, cfg=None):
         if not port.loaded:
             return fail(ErrorCode.NO_MODEL)
         port.write(_reg(Regs.CONTROL), Control.START | (p[0] | p[1] << 8) << 16)
+        port.starts = (port.starts + 1) & _WORD_MASK
         return ok()
     address = struct.unpack_from("<I", p)[0] & _ADDR_MASK
     count = p[4] | p[5] << 8 if cmd is Command.READ else (n - 4) // 4

@@ -92,8 +92,8 @@ class Machine:
     """The device, instruction by instruction. Memories (int64 arrays of lane values):
     ``program`` (words), ``samples`` (bytes, uint8), ``labels``, ``weights`` (words x C
     int8), ``biases`` (words x C int32), ``adapters`` (uint32 words), ``results``,
-    ``act`` (words x C int8), ``logits`` (words x C int16). ``loaded``: the host link's
-    model flag (`host.protocol.serve` keeps it)."""
+    ``act`` (words x C int8), ``logits`` (words x C int16). ``loaded``, ``starts``: the host
+    link's model flag and START count (`host.protocol.serve` keeps them)."""
 
     def __init__(self, cfg=DEFAULT):
         self.cfg = cfg
@@ -119,6 +119,7 @@ class Machine:
         # sets it on LOADED, clears it on a WRITE to WEIGHTS or BIASES and refuses START
         # without it; the port itself never reads it, as in the gateware (gateware/link.py)
         self.loaded = False
+        self.starts = 0                   # ... and its count of STARTs served (STATUS)
         # LoRA engine: gradient accumulators and moments per weight address
         self._grad = np.zeros(cfg.adapter_words, np.int64)
         self._m = np.zeros(cfg.adapter_words, np.int64)

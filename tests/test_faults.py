@@ -8,6 +8,7 @@ the same adapters as over a clean link.
   model device, with retries counted.
 """
 
+import dataclasses
 import random
 
 import pytest
@@ -155,6 +156,25 @@ def test_start_refused_as_running_after_a_lost_start_means_it_started():
     dev.status = lambda: before
     dev.start(0, before)
     assert runs == [0] and [c for c, a in t.log] == ["LOADED", "STATUS", "START", "START"]
+
+
+def test_lost_start_of_a_rerun_is_not_resent():
+    """The same program run twice: after the second run every port register reads as it
+    did before it (the model has no cycle counters), so only STATUS's START count tells
+    the host that the START whose response was lost took effect: the program runs twice,
+    not three times, and each run reports DONE."""
+    from firmware.asm import assemble
+    from firmware.compiler import Program
+
+    t, dev = flaky_device(script={C.START: [None, "drop_response"]})
+    program = Program("infer", assemble("SETIDX 5\nINCIDX\nHALT"), 0, "", {}, 0, 0, 4, 1, 0, [], {})
+    dev.request(P.loaded)
+    first = dev.run(program)
+    second = dev.run(program)
+    assert t.starts == 2 and [a for c, a in t.log if c == "START"] == [None, "drop_response"]
+    assert "START" not in dev.retry_counts
+    assert (first.starts, second.starts) == (1, 2)
+    assert dataclasses.replace(second, starts=1) == first       # nothing else tells them apart
 
 
 def test_finetune_over_a_flaky_link_equals_clean(digits):

@@ -192,7 +192,7 @@ class FakePort:
 
     def __init__(self, running=False):
         self.mem, self.running, self.log = {}, running, []
-        self.loaded = False
+        self.loaded, self.starts = False, 0
 
     def read(self, a):
         self.log.append(("r", a))
@@ -235,6 +235,7 @@ def test_serve_write_read_start_abort():
     status = P.parse_status(ask(port, P.status(5)).payload)
     assert [a for _, a in port.log] == [REG[r] for r in P.STATUS_REGS]
     assert status.updates == Regs.UPDATES and status.cycles_infer == Regs.CYCLES_INFER
+    assert status.starts == 1                   # the START above
 
 
 def test_serve_errors():
@@ -308,6 +309,7 @@ def test_start_needs_a_whole_model():
     assert m.loaded
     assert ask(m, P.start(9, 0)).cmd == Command.START | P.RESPONSE
     assert m.done and m.index == 6
+    assert P.parse_status(ask(m, P.status(9)).payload).starts == m.starts == 1   # refused: not counted
     for seq, region in enumerate((weights, biases), 10):
         ask(m, P.write(seq, region, [3]))                   # one chunk: a load cut short
         assert not m.loaded
@@ -530,7 +532,7 @@ def machine_state(m):
     arrays = b"".join(a.tobytes() for a in (m.program, m.samples, m.labels, m.weights, m.biases,
                                              m.adapters, m.results, m.act, m.logits))
     regs = tuple(m.read(REG[r]) for r in Regs)
-    inner = (m.loaded, m.pc, m.index, m.running, m.done, m.refused, m.error, m.phase, m.updates,
+    inner = (m.loaded, m.starts, m.pc, m.index, m.running, m.done, m.refused, m.error, m.phase, m.updates,
              tuple(m._staging), tuple(map(tuple, m.loops)), m.lfsr.state,
              tuple((k, repr(v)) for k, v in m.regs.items()))
     return arrays, regs, inner

@@ -191,7 +191,7 @@ async def status_words(dut):
     status = hp.parse_status(await uart.request(hp.status(3), hp.Command.STATUS))
     regs = await uart.read(address(Region.REGS, Regs.STATUS, CFG), 1)
     assert status.status == regs[0]
-    assert len(await uart.request(hp.status(4), hp.Command.STATUS)) == 32
+    assert len(await uart.request(hp.status(4), hp.Command.STATUS)) == 4 * hp.STATUS_WORDS == 36
 
 
 @cocotb.test()
@@ -249,7 +249,7 @@ async def start_needs_model(dut):
     await uart.request(hp.loaded(2), hp.Command.LOADED)
     await uart.request(hp.start(3, 0), hp.Command.START)
     status = hp.parse_status(await uart.request(hp.status(4), hp.Command.STATUS))
-    assert status.status & Status.DONE and status.index == 6
+    assert status.status & Status.DONE and status.index == 6 and status.starts == 1
     await uart.write(weights, [0x01020304])
     await refused(5)
     assert hp.parse_status(await uart.request(hp.status(6), hp.Command.STATUS)) == status

@@ -146,7 +146,7 @@ class FakePort:
     def __init__(self, running=False, cfg=DEFAULT):
         self.mem = {_reg(r): 0x1000 + r for r in Regs}
         self.running, self.cfg = running, cfg
-        self.loaded = False
+        self.loaded, self.starts = False, 0
         self.writes = []
 
     def read(self, address):
@@ -309,14 +309,16 @@ def test_link_model_flag():
             (hp.write(11, w + 2, [3]), False), (hp.start(12, 0), False),     # NO_MODEL
             (hp.loaded(13), False), (hp.write(14, b + 8, [4]), False),
             (hp.start(15, 0), False),                                # NO_MODEL
-            (hp.loaded(16), False), (hp.start(17, 9), True)]         # START_WHILE_RUNNING
+            (hp.loaded(16), False), (hp.start(17, 9), True),         # START_WHILE_RUNNING
+            (hp.status(18), False)]                                  # STARTS: 2
     want, _, ref = expected(reqs)
     errors = [(f.seq, f.payload[1]) for f in hp.FrameParser().feed(want) if f.cmd == hp.ERROR_CMD]
     E = hp.ErrorCode
     assert errors == [(1, E.NO_MODEL), (2, E.RUNNING), (3, E.NO_MODEL), (6, E.BAD_ADDRESS),
                       (7, E.RUNNING), (12, E.NO_MODEL), (15, E.NO_MODEL), (17, E.START_WHILE_RUNNING)]
     assert ref.flags == [False, False, False, True, True, True, True, True, True, True, True,
-                         False, False, True, False, False, True, True]
+                         False, False, True, False, False, True, True, True]
+    assert hp.parse_status(hp.FrameParser().feed(want)[-1].payload).starts == ref.starts == 2
     assert [wd for a, wd in ref.writes if a == _reg(Regs.CONTROL)] == [1 | 7 << 16, 1 | 8 << 16]
     exchange(reqs)
 
