@@ -208,3 +208,25 @@ def test_unknown_and_serial_without_port():
         open_device("fpga")
     with pytest.raises(DeviceError, match="--port"):
         open_device("serial")
+
+
+def test_rtl_refuses_start_without_a_model():
+    """The same on the simulated board (the gateware's link behind a pseudo-terminal):
+    START before LOADED is refused in one line and runs nothing; after LOADED it runs."""
+    from firmware.asm import assemble
+    from firmware.compiler import Program
+    from sim.board import missing_reason
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(f"rtl device: {reason}")
+    program = Program("infer", assemble("SETIDX 5\nINCIDX\nHALT"), 0, "", {}, 0, 0, 4, 1, 0, [], {})
+    with open_device("rtl") as dev:
+        before = dev.status()
+        with pytest.raises(DeviceError) as e:
+            dev.run(program)
+        assert str(e.value) == "rtl: " + str(P.ProtocolError(P.Command.START, P.ErrorCode.NO_MODEL))
+        assert dev.status() == before and before.starts == 0
+        dev.request(P.loaded)
+        st = dev.run(program)
+        assert st.status & Status.DONE and st.index == 6 and st.starts == 1
