@@ -5,9 +5,10 @@
 # high. The pins come from amaranth-boards' ULX3S platforms.
 """
 
-from amaranth import ClockDomain, ClockSignal, Module, Signal
+from amaranth import ClockDomain, ClockSignal, Module, ResetSignal, Signal
+from amaranth.hdl import Instance
 from amaranth.lib import io, wiring
-from amaranth.lib.cdc import ResetSynchronizer
+from amaranth.lib.cdc import AsyncFFSynchronizer
 from amaranth_boards.ulx3s import (ULX3S_12F_Platform, ULX3S_25F_Platform, ULX3S_45F_Platform,
                                    ULX3S_85F_Platform)
 
@@ -30,7 +31,8 @@ class BoardTop(wiring.Component):
 
     The 25 MHz oscillator drives an EHXPLLL at ``cfg.clock_hz``; the ``sync`` domain is
     held in reset until the PLL locks and for two of its cycles after
-    (`ResetSynchronizer`). The UART pins are sampled by the `Device`'s own synchronizer.
+    (`AsyncFFSynchronizer`), the reset reaching its flip-flops through a DCCA onto a
+    global network. The UART pins are sampled by the `Device`'s own synchronizer.
     ``core`` (default ``Device(cfg)``) is anything with `Device`'s members.
     """
 
@@ -50,7 +52,12 @@ class BoardTop(wiring.Component):
         m.d.comb += [pll.clk_in.eq(clk25.i), ClockSignal("sync").eq(pll.clk_out)]
         # no clock constraint of our own: nextpnr derives cfg.clock_hz on the PLL's output
         # from the 25 MHz input and the dividers (a constraint on a net yosys renames is lost)
-        m.submodules.reset = ResetSynchronizer(~pll.locked, domain="sync")
+        reset = Signal()
+        m.submodules.reset = AsyncFFSynchronizer(~pll.locked, reset, o_domain="sync")
+        # the reset goes to about 22k flip-flops: in general routing that one net capped
+        # the 85F near 27 MHz (nextpnr's estimate after placement); a global network, as
+        # the clock's, reaches them all with the same short delay
+        m.submodules.reset_buffer = Instance("DCCA", i_CLKI=reset, i_CE=1, o_CLKO=ResetSignal("sync"))
 
         m.submodules.device = device = self._core or Device(self._cfg)
         uart = platform.request("uart", 0, dir="-")
