@@ -170,3 +170,13 @@ def test_board_option_selects_its_configuration():
     info = json.loads(r.stdout)
     assert info["config_hash"] == f"{BOARDS['ulx3s-45f'].hash:08x}"
     assert info["config"] == BOARDS["ulx3s-45f"].as_dict()
+
+
+def test_fmax_of_a_derived_pll_constraint():
+    """nextpnr derives a PLL output's constraint in floating point: 75 MHz from 25 MHz
+    * 3 arrives as 75.0019 (seen on the 45F); it is still the design clock."""
+    from platforms.build import _clock_fmax
+    report = {"fmax": {"$glbnet$clk": {"achieved": 42.13, "constraint": 75.00187683105469}}}
+    assert _clock_fmax(report, 75.0) == 42.13
+    with pytest.raises(BoardError, match="no clock constrained at 100 MHz"):
+        _clock_fmax(report, 100.0)
