@@ -36,7 +36,7 @@ from firmware.isa import H_SHIFT_BITS
 from firmware.isa import adapter_setup_layout as setup_layout
 
 from .config import DEFAULT, AccelConfig
-from .layouts import LUT_RAM_DEPTH, class_bits, loss_in_layout, loss_out_layout, sample_layout
+from .layouts import class_bits, ram_style, loss_in_layout, loss_out_layout, sample_layout
 
 __all__ = ["AdapterDatapath", "setup_layout", "master_port", "lanes", "grad_bits",
            "H_SHIFT_BITS"]
@@ -281,8 +281,7 @@ class AdapterDatapath(wiring.Component):
             mm = Memory(shape=signed(cfg.master_bits), depth=self._rows, init=[])
             # a shallow bank of 40-bit words would take two 36-bit-wide DP16KD, mostly
             # empty: LUT RAM leaves that block RAM to the cache (docs/board.md)
-            gm = Memory(shape=signed(GW), depth=self._rows, init=[],
-                        attrs={"ram_style": "distributed"} if self._rows <= LUT_RAM_DEPTH else None)
+            gm = Memory(shape=signed(GW), depth=self._rows, init=[], attrs=ram_style(self._rows))
             m.submodules[f"master{b}"] = mm
             m.submodules[f"grad{b}"] = gm
             mrd.append(mm.read_port())

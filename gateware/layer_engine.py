@@ -13,7 +13,7 @@ from amaranth.lib.wiring import In, Out
 
 from firmware.layers import ADDR_BITS, ConvDescriptor
 from .conv import ConvUnit
-from .layouts import LUT_RAM_DEPTH
+from .layouts import ram_style
 from .systolic import SystolicArray
 
 __all__ = ["LayerEngine", "MEM_ACT", "MEM_WEIGHT", "MEM_BIAS", "MEM_LOGIT"]
@@ -106,8 +106,8 @@ class LayerEngine(wiring.Component):
         for name, mem_id, width, depth in (("weight", MEM_WEIGHT, 8, cfg.weight_words // C),
                                            ("bias", MEM_BIAS, cfg.acc_bits, cfg.bias_words // C)):
             # the biases are few but C * 32 bits wide (8 DP16KD at C = 8): LUT RAM
-            attrs = {"ram_style": "distributed"} if name == "bias" and depth <= LUT_RAM_DEPTH else None
-            mem = memory.Memory(shape=unsigned(width * C), depth=depth, init=[], attrs=attrs)
+            mem = memory.Memory(shape=unsigned(width * C), depth=depth, init=[],
+                                attrs=ram_style(depth) if name == "bias" else None)
             m.submodules[name] = mem
             wp, rp = mem.write_port(), mem.read_port()
             m.d.comb += [wp.en.eq(loading & (load.mem == mem_id)), wp.addr.eq(load.addr),

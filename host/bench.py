@@ -27,9 +27,10 @@ import time
 import numpy as np
 
 from firmware.compiler import compile_finetune
+from gateware.adapter import lanes as adapter_lanes
 from gateware.config import BOARDS, board_config
 from sim.finetune import (Schedule, ScheduleError, adapter_macs, batch_order, evaluate_float, evaluate_fixed,
-                          finetune_float, float_optimizer, init_adapters)
+                          finetune_float, float_init_adapters, float_optimizer)
 from sim.float_model import FloatNet, adapter_grads, adapter_logits, ce_grad
 
 from .cli import Progress, UsageError, _emit_json
@@ -108,7 +109,15 @@ def _phase_macs(model, schedule, n, frozen_forwards):
     return {"frozen": frozen_phase, "cached": cached_phase}
 
 
-def device_run(cfg, board, clock_hz, wl, model, schedule, progress=None, lanes=None):
+def epoch_cycles(cycles, epochs, cache):
+    """Cycles of each epoch from the phase totals: with the cache, the fill epoch and
+    the cached epochs at their mean; without it, the mean of all."""
+    if cache:
+        return [cycles["frozen"]] + ([cycles["cached"] / (epochs - 1)] * (epochs - 1) if epochs > 1 else [])
+    return [cycles["frozen"] / epochs] * epochs
+
+
+def device_run(cfg, board, clock_hz, wl, model, schedule, lanes, progress=None):
     """One fine-tune on a freshly started `rtl` device; every figure of it."""
     tr = wl.target_train
     n = len(tr)
@@ -131,13 +140,9 @@ def device_run(cfg, board, clock_hz, wl, model, schedule, progress=None, lanes=N
     for ph in ("frozen", "cached"):
         cyc = phases[ph]
         util[ph] = {"array": macs[ph]["array"] / (cyc * pes) if cyc else None,
-                    "adapter_lanes": (macs[ph]["adapters"] / (cyc * lanes) if cyc and lanes else None)}
+                    "adapter_lanes": macs[ph]["adapters"] / (cyc * lanes) if cyc else None}
     e = schedule.epochs
-    if schedule.cache:
-        # the counters give phase totals: the cached epochs are stated at their mean
-        per_epoch = [c["frozen"]] + [c["cached"] / (e - 1)] * (e - 1)
-    else:
-        per_epoch = [c["frozen"] / e] * e
+    per_epoch = epoch_cycles(c, e, schedule.cache)
     link_bytes = res.link["sent"] + res.link["received"]
     return {
         "cache": "on" if schedule.cache else "off",
@@ -165,12 +170,6 @@ def device_run(cfg, board, clock_hz, wl, model, schedule, progress=None, lanes=N
 
 # ------------------------------------------------------------------ the CPU -----------
 
-def _float_init(model, schedule, cfg):
-    # the float twin of the device's initial adapters (as sim.finetune.finetune_float)
-    return [(a.astype(np.float64) / 2 ** cfg.F_m, b.astype(np.float64))
-            for a, b in init_adapters(model, schedule.rank, schedule.seed, cfg)]
-
-
 def numpy_finetune(model, x, y, schedule, cfg):
     """Float64 NumPy Skip2-LoRA; returns (adapters, seconds per epoch). Cache on:
     `sim.finetune.finetune_float` itself (the frozen network once); cache off: the
@@ -186,7 +185,7 @@ def numpy_finetune(model, x, y, schedule, cfg):
     net = FloatNet(model.layers, model.float_params)
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.int64)
-    adapters = _float_init(model, schedule, cfg)
+    adapters = float_init_adapters(model, schedule, cfg)
     opt = float_optimizer(schedule, cfg)
     for _ in range(schedule.epochs):
         for idx in batches:
@@ -265,7 +264,7 @@ def torch_finetune(model, x, y, schedule, cfg, dtype="float32", threads=1):
             onehot = torch.nn.functional.one_hot(torch.tensor(np.asarray(y, np.int64)[np.concatenate(order)]),
                                                  model.classes).to(dt)
             x_b, onehot_b = torch.split(xt, sizes), torch.split(onehot, sizes)
-            init = [p for pair in _float_init(model, schedule, cfg) for p in pair]
+            init = [p for pair in float_init_adapters(model, schedule, cfg) for p in pair]
             total = sum(p.size for p in init)
             flat, grad, m, v = (torch.zeros(total, dtype=dt) for _ in range(4))
 
@@ -439,11 +438,7 @@ def run_bench(args):
     cfg = board_config(args.board)
     report_path = args.report or os.path.join("build", args.board, "report.json")
     clock = bitstream_clock(cfg, report_path)
-    try:
-        from gateware.adapter import lanes as adapter_lanes
-        lanes = adapter_lanes(cfg)
-    except ImportError:
-        lanes = None
+    lanes = adapter_lanes(cfg)
     show = not args.quiet and args.json != "-"
     schedule = Schedule(epochs=epochs)
     record = {
@@ -477,7 +472,7 @@ def run_bench(args):
             sched = Schedule(epochs=epochs, cache=cache)
             label = f"bench {name}: rtl, cache {'on' if cache else 'off'}"
             entry["device"][f"cache_{'on' if cache else 'off'}"] = device_run(
-                cfg, args.board, clock["hz"], wl, model, sched, Progress(label, show), lanes)
+                cfg, args.board, clock["hz"], wl, model, sched, lanes, Progress(label, show))
         on, off = entry["device"]["cache_on"], entry["device"]["cache_off"]
         measured = off["cycles"]["total"] / on["cycles"]["total"]
         ideal = off["macs"]["total"] / on["macs"]["total"]

@@ -110,9 +110,8 @@ class Device:
     MIN_BURST = 2
 
     def __init__(self, transport, cfg=DEFAULT, name="device", timeout=1.0, retries=11, poll=0.02,
-                 byte_time=0.0, settle=0.001, quiet=0.01):
-        self.transport, self.cfg, self.name = transport, cfg, name
-        self.board, self.adopt_config = None, False
+                 byte_time=0.0, settle=0.001, quiet=0.01, board=None):
+        self.transport, self.cfg, self.name, self.board = transport, cfg, name, board
         self.timeout, self.retries, self.poll = timeout, retries, poll
         self.byte_time, self.settle, self.quiet = byte_time, settle, quiet
         self.bytes_sent = self.bytes_received = 0
@@ -260,7 +259,9 @@ class Device:
         if ident.id != ID_MAGIC:
             raise DeviceError(f"{self.name}: not a skiptune device (ID {ident.id:08x})")
         if ident.config_hash != self.cfg.hash:
-            known = config_by_hash(ident.config_hash) if self.adopt_config else None
+            # a board on a serial port named by no --board: any known configuration
+            adopt = self.name == "serial" and self.board is None
+            known = config_by_hash(ident.config_hash) if adopt else None
             if known is None:
                 raise DeviceError(f"device configuration {ident.config_hash:08x}, host expects "
                                   f"{self.cfg.hash:08x} ({self.board or 'the simulation default'}); "
@@ -461,14 +462,13 @@ def open_device(name, cfg=DEFAULT, path=None, faults=0.0, seed=0, board=None):
         # 10 ms plus 100 us a byte (or 3x the measured time a byte), doubling after each
         # failed attempt; the watchdog's 64 byte times (2560 cycles, about 10 ms) have
         # passed once the timeout and ``settle`` have
-        device = Device(transport, cfg, name, timeout=0.01, byte_time=1e-4, settle=0.005, quiet=0.005)
+        device = Device(transport, cfg, name, timeout=0.01, byte_time=1e-4, settle=0.005, quiet=0.005,
+                        board=board)
     elif name == "serial":
         device = Device(transport, cfg, name, timeout=0.1, byte_time=20 / cfg.baud,
-                        settle=max(0.002, 2 * 64 * 10 / cfg.baud), quiet=0.02)
+                        settle=max(0.002, 2 * 64 * 10 / cfg.baud), quiet=0.02, board=board)
     else:
-        device = Device(transport, cfg, name, timeout=1.0, settle=0.0, quiet=0.01)
-    device.board = board
-    device.adopt_config = name == "serial" and board is None
+        device = Device(transport, cfg, name, timeout=1.0, settle=0.0, quiet=0.01, board=board)
     try:
         device.identify()
     except BaseException:

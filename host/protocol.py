@@ -301,11 +301,11 @@ def _reg(reg):
     return Region.REGS.value << OFFSET_BITS | reg
 
 
-def serve(frame, port, cfg=None):
+def serve(frame, port):
     """The device's response bytes to one request (a Frame, or a whole frame's bytes), or
     None when the device drops it (bytes that are not a valid frame). ``port`` is the
     host port: ``read(address)``, ``write(address, word)``, ``running`` and ``cfg`` (the
-    AccelConfig whose address map it serves, unless ``cfg`` is given), and carries the
+    AccelConfig whose address map it serves), and carries the
     link's model flag ``loaded`` (False at reset), which serve sets on LOADED and clears
     on every WRITE it serves to a region of MODEL_REGIONS, and its count ``starts`` (0 at
     reset) of the STARTs served, which STATUS answers after STATUS_REGS.
@@ -366,7 +366,7 @@ def serve(frame, port, cfg=None):
         return ok()
     address = struct.unpack_from("<I", p)[0] & _ADDR_MASK
     count = p[4] | p[5] << 8 if cmd is Command.READ else (n - 4) // 4
-    if not address_ok(address, count, cmd is Command.WRITE, port.cfg if cfg is None else cfg):
+    if not address_ok(address, count, cmd is Command.WRITE, port.cfg):
         return fail(ErrorCode.BAD_ADDRESS)
     # a good range lies inside one region
     if running and (cmd is Command.WRITE or address >> OFFSET_BITS != Region.REGS.value):

@@ -20,7 +20,7 @@ from .fixed_model import (quantize_input, frozen_forward, cache_format, adapter_
 from .float_model import FloatNet, ce_grad, adapter_logits, MomentSGD
 from .float_model import adapter_grads as float_adapter_grads
 
-__all__ = ["Schedule", "ScheduleError", "check_limits", "init_adapters", "batch_order", "lfsr_seed", "FixedResult",
+__all__ = ["float_init_adapters", "Schedule", "ScheduleError", "check_limits", "init_adapters", "batch_order", "lfsr_seed", "FixedResult",
            "finetune_fixed", "evaluate_fixed", "finetune_float", "evaluate_float", "float_optimizer",
            "adapters_sha256", "adapter_macs"]
 
@@ -201,7 +201,8 @@ def float_optimizer(schedule, cfg):
     return MomentSGD(schedule.lr, 2.0 ** -cfg.beta1_shift, 2.0 ** -cfg.beta2_shift, 2.0 ** cfg.e_min)
 
 
-def _float_adapters(model, schedule, cfg):
+def float_init_adapters(model, schedule, cfg):
+    """The float twin of the device's initial adapters (`init_adapters` over 2**F_m)."""
     return [(a.astype(np.float64) / 2 ** cfg.F_m, b.astype(np.float64))
             for a, b in init_adapters(model, schedule.rank, schedule.seed, cfg)]
 
@@ -214,7 +215,7 @@ def finetune_float(model, x, y, schedule, cfg, progress=None):
     base, trace = net.forward(np.asarray(x, np.float64))
     xs = [t["x"] for t in trace]
     y = np.asarray(y, np.int64)
-    adapters = _float_adapters(model, schedule, cfg)
+    adapters = float_init_adapters(model, schedule, cfg)
     opt = float_optimizer(schedule, cfg)
     batches = batch_order(len(y), schedule.batch, schedule.seed)
     total, done = schedule.epochs * len(batches), 0

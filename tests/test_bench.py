@@ -194,3 +194,12 @@ def test_bad_options_one_line(args, fragment, capsys, tmp_path):
     assert main(["bench", "--out", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("skiptune: error:") and fragment in err[0], err
+
+
+def test_epoch_cycles_from_phase_totals():
+    """One epoch with the cache is the fill epoch alone (it raised ZeroDivisionError)."""
+    from host.bench import epoch_cycles
+    c = {"frozen": 1000, "cached": 1900}
+    assert epoch_cycles(c, 1, True) == [1000]
+    assert epoch_cycles(c, 20, True) == [1000] + [100.0] * 19
+    assert epoch_cycles(c, 4, False) == [250.0] * 4

@@ -163,3 +163,21 @@ def test_device_identify():
             assert ident == 0x534B5431
             assert config_hash == DEFAULT.hash
     print(f"device: {board.stats['cycles_per_second']:,.0f} cycles/s")
+
+
+@pytest.mark.skipif(device_missing() is not None, reason=str(device_missing()))
+def test_serial_port_takes_the_reported_configuration():
+    """The simulated board's pseudo-terminal opened as the serial device: without a board
+    name the host takes the known configuration the device reports (DEFAULT here, though
+    it was opened with the 45F's); named as another board, it is refused in one line."""
+    from gateware.config import BOARDS
+    from host.device import DeviceError, open_device
+    with sim_board.launch(DEFAULT, divisor=4) as board:
+        dev = open_device("serial", BOARDS["ulx3s-45f"], path=board.path)
+        try:
+            assert dev.cfg == DEFAULT
+        finally:
+            dev.close()
+        with pytest.raises(DeviceError, match=f"device configuration {DEFAULT.hash:08x}, host expects "
+                                              f"{BOARDS['ulx3s-45f'].hash:08x} \\(ulx3s-45f\\)"):
+            open_device("serial", BOARDS["ulx3s-45f"], path=board.path, board="ulx3s-45f")
