@@ -38,7 +38,9 @@ class Device(wiring.Component):
     last stop bit on the rx pin, the response's start bit begins on the tx pin 7 cycles
     later (2 synchronizer flip-flops, the receiver's byte, the CRC check, the handoff, the
     header byte into the transmitter; a WRITE of n words adds n + 1), and the response
-    then goes out with no idle time between its bytes.
+    then goes out with no idle time between its bytes. The host port between the link
+    and the accelerator is registered both ways: a write lands one cycle after the link
+    issues it, a read word reaches the link 3 cycles after its ``re``.
     """
 
     def __init__(self, cfg=DEFAULT, divisor=None):
@@ -66,8 +68,10 @@ class Device(wiring.Component):
                      self.error.eq(accel.error)]
         wiring.connect(m, uart_rx.data, link.rx)
         wiring.connect(m, link.tx, uart_tx.data)
-        # the host port's members are flat on both sides: wire each by its direction
+        # the host port runs from the link to every unit and memory of the accelerator: a
+        # register each way keeps the link's state machine and the accelerator's read
+        # multiplexer out of each other's timing paths (a read answers 2 cycles later)
         for name, member in host_port().items():
             a, l = getattr(accel, name), getattr(link, name)
-            m.d.comb += a.eq(l) if member.flow == In else l.eq(a)
+            m.d.sync += a.eq(l) if member.flow == In else l.eq(a)
         return m

@@ -54,8 +54,9 @@ class LinkController(wiring.Component):
         Response bytes (`UartTx`); the controller waits for ``ready``.
     addr : Out(PORT_ADDR_BITS), wdata : Out(32), we : Out(1), re : Out(1), rdata : In(32),
     rvalid : In(1)
-        The master side of `Accelerator`'s host port (one access per cycle, the read
-        word on rdata the cycle after ``re``).
+        The master side of `Accelerator`'s host port: one access per cycle, writes in
+        order, the read word taken from ``rdata`` when ``rvalid`` comes, any number of
+        cycles after ``re`` (one read at a time is outstanding).
     running : In(1)
         The accelerator runs a program: only IDENTIFY, READ of REGS, STATUS and ABORT
         are served.
@@ -85,8 +86,8 @@ class LinkController(wiring.Component):
     CRC on the fly, so a response leaves with no gaps between bytes. Responses echo
     ``seq``. The first byte of a response is offered 3 cycles after the request's last
     byte arrives (a WRITE of n words: n + 4; a request arriving while the previous
-    response goes out waits for its end); a READ word takes 2 cycles between its
-    predecessor's last byte and its first. Addresses are taken modulo 2**PORT_ADDR_BITS.
+    response goes out waits for its end); a READ word takes 1 cycle plus the port's
+    read latency between its predecessor's last byte and its first. Addresses are taken modulo 2**PORT_ADDR_BITS.
     """
 
     def __init__(self, cfg=DEFAULT, timeout=None):
@@ -332,8 +333,10 @@ class LinkController(wiring.Component):
                              x_count.eq(x_count - 1)]
                 m.next = "CAPTURE"
             with m.State("CAPTURE"):
-                m.d.sync += [shift.eq(Mux(x_starts, starts, self.rdata)), left.eq(4)]
-                m.next = "SEND"
+                # the port answers when it can (the device's port registers: 2 cycles more)
+                with m.If(x_starts | self.rvalid):
+                    m.d.sync += [shift.eq(Mux(x_starts, starts, self.rdata)), left.eq(4)]
+                    m.next = "SEND"
             with m.State("SEND"):
                 m.d.comb += [tx.valid.eq(1), tx.payload.eq(shift[:8]), tx_crc.valid.eq(sent)]
                 with m.If(sent):

@@ -165,11 +165,12 @@ TIMEOUT = 400
 LATENCY = 3
 
 
-def run_link(requests, gap=3, stall=0.0, seed=0, max_cycles=400_000, cfg=DEFAULT):
+def run_link(requests, gap=3, stall=0.0, seed=0, max_cycles=400_000, cfg=DEFAULT, read_latency=1):
     """Sends each of ``requests`` ((bytes, running, wait) with ``wait``: wait for the
     response(s) so far before the next) to a LinkController whose port is a FakePort,
     ``gap`` idle cycles between bytes; the transmitter is not ready with probability
-    ``stall``. Returns (response bytes, the port, {request index: cycle of its last
+    ``stall``; the port answers a read ``read_latency`` cycles after ``re`` (a callable:
+    drawn per read from the seeded generator). Returns (response bytes, the port, {request index: cycle of its last
     byte}, [cycle of each response byte], [the controller's ``loaded`` once each request's
     responses are in])."""
     dut = LinkController(cfg, timeout=TIMEOUT)
@@ -202,14 +203,20 @@ def run_link(requests, gap=3, stall=0.0, seed=0, max_cycles=400_000, cfg=DEFAULT
             flags.append(bool(ctx.get(dut.loaded)))
         await ctx.tick().repeat(200)            # nothing more may come
 
+    answers = {}                                # cycle: the word read then
+
     async def device_port(ctx):
         async for _, _, we, re, addr, wdata, ready, valid, data in ctx.tick().sample(
                 dut.we, dut.re, dut.addr, dut.wdata, dut.tx.ready, dut.tx.valid, dut.tx.payload):
             now[0] += 1
             if we:
                 port.write(addr, wdata)
-            ctx.set(dut.rvalid, re)
-            ctx.set(dut.rdata, port.read(addr) if re else 0)
+            if re:
+                wait = read_latency(rng) if callable(read_latency) else read_latency
+                answers[now[0] + wait - 1] = port.read(addr)
+            word = answers.pop(now[0], None)
+            ctx.set(dut.rvalid, word is not None)
+            ctx.set(dut.rdata, 0 if word is None else word)
             if ready and valid:
                 out.append(data)
                 out_cycles.append(now[0])
@@ -257,6 +264,24 @@ def test_link_identify_write_read_status():
     # of n words first writes them, in n + 1 cycles
     assert cycles[0] - last[0] == LATENCY
     assert cycles[hp.OVERHEAD_BYTES + 12] - last[1] == LATENCY + len(words) + 1
+
+
+def test_link_waits_for_the_read_word():
+    """The device's port answers 3 cycles after ``re``, and a port may take longer: each
+    READ word waits for its ``rvalid``, and one more cycle of latency delays each word by
+    one cycle."""
+    prog = address(Region.PROGRAM, 3, DEFAULT)
+    words = list(range(0x100, 0x100 + 40))
+    reqs = [(hp.write(1, prog, words), False), (hp.read(2, prog, 40), False), (hp.status(3), False),
+            (hp.identify(4), False)]
+    exchange(reqs, read_latency=lambda rng: rng.randint(1, 9), stall=0.3, seed=5)
+    # with the transmitter always ready, each word's first byte moves by the added latency
+    _, fast = exchange(reqs[:2])
+    _, slow = exchange(reqs[:2], read_latency=3)
+    first = hp.OVERHEAD_BYTES          # the WRITE's response, then the READ's header
+    for k in range(40):
+        byte = first + 5 + 4 * k
+        assert slow[byte] - fast[byte] == 2 * (k + 1), k
 
 
 def test_link_long_write_read_with_stalls():
