@@ -16,9 +16,10 @@ from .cache import ActivationCache
 from .config import DEFAULT, AccelConfig
 from .gather import GatherUnit
 from .layer_engine import MEM_ACT, MEM_BIAS, MEM_LOGIT, MEM_WEIGHT, LayerEngine
-from .layouts import class_bits
+from .layouts import class_bits, sample_layout
 from .lora import LoraEngine
 from .sequencer import Sequencer
+from .skid import SkidBuffer
 
 __all__ = ["Accelerator", "host_port"]
 
@@ -133,7 +134,11 @@ class Accelerator(wiring.Component):
         with m.If(rd.valid & rd.ready & rd.payload.last):
             m.d.sync += reading.eq(0)
 
-        src = lora.i_stream
+        # the LoRA engine is fed from two units across the chip: a register slice keeps
+        # their handshakes and its issue logic out of one timing path
+        m.submodules.lora_in = lora_in = SkidBuffer(sample_layout(cfg))
+        wiring.connect(m, lora_in.o, lora.i_stream)
+        src = lora_in.i
         with m.If(reading):
             m.d.comb += [src.valid.eq(rd.valid & rd.payload.hit),
                          rd.ready.eq(Mux(rd.payload.hit, src.ready, 1)),
@@ -143,7 +148,7 @@ class Accelerator(wiring.Component):
             m.d.comb += [src.valid.eq(gather.lora.valid), gather.lora.ready.eq(src.ready),
                          src.payload.eq(gather.lora.payload)]
 
-        units_busy = engine.busy | gather.busy | reading | lora.busy | cache.busy
+        units_busy = engine.busy | gather.busy | reading | lora_in.busy | lora.busy | cache.busy
         m.d.comb += seq.units_busy.eq(units_busy)
 
         # --- counters ----------------------------------------------------------------------
