@@ -5,7 +5,8 @@ and the device's side as a pure function of a host port.
 
 - `crc32` is CRC-32 (IEEE 802.3: zlib.crc32) over ``cmd .. payload``; `encode_frame` builds a frame,
   `FrameParser` finds frames in a byte stream (hunting for 0xA5, dropping frames with a
-  bad CRC or a length above `MAX_PAYLOAD`, and counting what it dropped).
+  bad CRC or a length above `MAX_PAYLOAD`, and counting what it dropped); the host's
+  rescans a dropped frame's bytes, the device's (``rescan=False``) never does.
 - `identify`, `write`, `read`, `start`, `status`, `abort`, `loaded` build requests;
   `response_payload` checks a response against its request (an error response raises
   `ProtocolError` with its `ErrorCode` and a one-line message, `ERROR_TEXT`) and `parse_identify`, `parse_read`,
@@ -127,11 +128,16 @@ class FrameParser:
     """Frames out of a byte stream. `feed` returns the frames its bytes completed, in
     order. Bytes before a 0xA5 are skipped (counted in ``skipped``); a header with a
     length above MAX_PAYLOAD (``oversize``) or a frame with a bad CRC (``bad_crc``) is
-    dropped and the hunt goes on from the byte after its 0xA5, so a false start inside
-    garbage cannot swallow the frame after it (once its bytes are in). `expire` is the
-    watchdog: it drops a partial frame (``expired``) and rescans what it held."""
+    dropped, and so is a partial frame when the watchdog fires (`expire`, ``expired``).
 
-    def __init__(self):
+    With ``rescan`` (the host's mode) the hunt goes on from the byte after a dropped
+    frame's 0xA5, so a false start inside garbage cannot swallow the frame after it.
+    Without it (the device's mode: gateware/link.py's receiver) a dropped frame's bytes
+    are never looked at again: the hunt goes on after the CRC's last byte, after the
+    length's bytes, or (the watchdog) with the next byte to arrive."""
+
+    def __init__(self, rescan=True):
+        self.rescan = rescan
         self._buf = bytearray()
         self.frames = self.skipped = self.oversize = self.bad_crc = self.expired = 0
 
@@ -149,13 +155,18 @@ class FrameParser:
         return self._parse()
 
     def expire(self):
-        """The watchdog fired: drop the partial frame (if any); returns frames found in
-        the bytes after its 0xA5."""
+        """The watchdog fired: drop the partial frame (if any); returns the frames a
+        rescan finds in the bytes after its 0xA5 (none in the device's mode)."""
         if not self._buf:
             return []
         self.expired += 1
-        del self._buf[:1]
+        self._drop(len(self._buf))
         return self._parse()
+
+    def _drop(self, n):
+        """Drop the frame at the buffer's start: its 0xA5 alone for a rescan, else the
+        ``n`` bytes the device had read when it gave up on it."""
+        del self._buf[:1 if self.rescan else n]
 
     def _parse(self):
         buf, out = self._buf, []
@@ -173,14 +184,14 @@ class FrameParser:
             n = buf[3] | buf[4] << 8
             if n > MAX_PAYLOAD:
                 self.oversize += 1
-                del buf[:1]
+                self._drop(HEADER_BYTES)
                 continue
             if len(buf) < OVERHEAD_BYTES + n:
                 return out
             end = HEADER_BYTES + n
             if crc32(buf[1:end]) != _crc_at(buf, end):
                 self.bad_crc += 1
-                del buf[:1]
+                self._drop(end + CRC_BYTES)
                 continue
             out.append(Frame(buf[1], buf[2], bytes(buf[HEADER_BYTES:end])))
             self.frames += 1

@@ -60,7 +60,7 @@ class ModelTransport:
     def __init__(self, cfg=DEFAULT):
         from sim.machine import Machine
         self.machine = Machine(cfg)
-        self._parser = FrameParser()
+        self._parser = FrameParser(rescan=False)
         self._out = bytearray()
 
     def write(self, data):
@@ -74,8 +74,8 @@ class ModelTransport:
 
     def read(self, n, timeout):
         if not self._out and timeout:
-            # nothing will come: a dropped frame waits out the timeout, as on a board; the
-            # watchdog's rescan may find a whole frame behind a false start, which is served
+            # nothing will come: a dropped frame waits out the timeout, as on a board, and
+            # the watchdog clears a partial one (serving nothing: the device does not rescan)
             time.sleep(min(timeout, 0.01))
             self._serve(self._parser.expire())
         data = bytes(self._out[:n])

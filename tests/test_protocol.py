@@ -1,6 +1,7 @@
 """host.protocol: CRC, frames, the stream parser, requests/responses and the device side
 (`serve`) against docs/protocol.md."""
 
+import itertools
 import random
 import struct
 
@@ -147,6 +148,106 @@ def test_parser_counts_drops():
     assert parser.feed(P.write(0, 0, [1, 2])[:9]) == [] and parser.pending == 9
     assert parser.expire() == [] and parser.expired == 1 and parser.pending == 0
     assert parser.dropped == 3
+
+
+HIDDEN = P.status(0x42)             # no other 0xA5 in it, nor in the CRCs around it below
+AFTER = P.identify(7)
+
+
+def hidden_frame_streams():
+    """{kind: a stream (bytes; None: a pause past the watchdog) with the request HIDDEN
+    inside a frame the device drops}: ``bad_crc`` (HIDDEN in its payload), ``oversize``
+    (0xA5 and a command in front of HIDDEN, whose cmd and seq make the length 0x4205) and
+    ``watchdog`` (HIDDEN in the payload of a frame cut short)."""
+    outer = P.encode_frame(Command.WRITE, 1, bytes(4) + HIDDEN + bytes(3))
+    return {"bad_crc": list(outer[:-1]) + [outer[-1] ^ 1],
+            "oversize": [P.SYNC, Command.WRITE] + list(HIDDEN),
+            "watchdog": list(outer[:P.HEADER_BYTES + 4 + len(HIDDEN)]) + [None]}
+
+
+def feed_stream(parser, stream):
+    """The frames ``parser`` finds in ``stream`` (bytes; None: the watchdog fires)."""
+    got = []
+    for pause, part in itertools.groupby(stream, lambda b: b is None):
+        got += parser.expire() if pause else parser.feed(bytes(part))
+    return got
+
+
+@pytest.mark.parametrize("kind", ["bad_crc", "oversize", "watchdog"])
+def test_device_parser_never_rescans_a_dropped_frame(kind):
+    """A request hidden inside a frame the device drops: the host's parser finds it by
+    rescanning the dropped bytes; the device's (gateware/link.py's receiver) does not,
+    and takes the request after it, however the bytes are split."""
+    stream = hidden_frame_streams()[kind] + list(AFTER)
+    hidden, after = P.decode_frame(HIDDEN), P.decode_frame(AFTER)
+    for cut in range(len(stream) + 1):
+        host, device = FrameParser(), FrameParser(rescan=False)
+        assert feed_stream(host, stream[:cut]) + feed_stream(host, stream[cut:]) == [hidden, after], cut
+        assert feed_stream(device, stream[:cut]) + feed_stream(device, stream[cut:]) == [after], cut
+        assert device.dropped == 1 and device.frames == 1 and device.pending == 0, cut
+
+
+@pytest.mark.parametrize("kind", ["bad_crc", "oversize", "watchdog"])
+def test_model_device_does_not_answer_a_hidden_frame(kind):
+    """The `model` device answers only the request after the dropped frame, as the board
+    does (tests/gateware/test_link.py holds the LinkController to the same bytes)."""
+    from host.transport import ModelTransport
+    from sim.machine import Machine
+
+    t = ModelTransport(DEFAULT)
+    got = b""
+    for pause, part in itertools.groupby(hidden_frame_streams()[kind] + list(AFTER), lambda b: b is None):
+        if pause:
+            got += t.read(1 << 20, 1e-6)        # quiet for longer than the watchdog
+        else:
+            t.write(bytes(part))
+    got += t.read(1 << 20, 1e-6)
+    assert got == P.serve(AFTER, Machine(DEFAULT))
+
+
+def test_device_parser_resumes_where_the_link_does():
+    """The device's hunt resumes right after a bad CRC's last byte, right after an
+    oversize length and, after the watchdog, with the next byte: a request there is
+    taken, and not one byte is skipped (or looked at twice) on the way."""
+    good, frame = P.status(3), Frame(Command.STATUS, 3)
+    bad = bytearray(P.read(1, 0, 1))
+    bad[-1] ^= 1
+    oversize = bytes([0xA5, 2, 0]) + struct.pack("<H", P.MAX_PAYLOAD + 1)
+    parser = FrameParser(rescan=False)
+    assert parser.feed(bytes(bad) + good) == [frame] and parser.bad_crc == 1
+    assert parser.feed(oversize + good) == [frame] and parser.oversize == 1
+    assert parser.feed(P.write(0, 0, [1, 2])[:9]) == [] and parser.pending == 9
+    assert parser.expire() == [] and parser.expired == 1 and parser.pending == 0
+    assert parser.feed(good) == [frame]
+    assert parser.frames == 3 and parser.skipped == 0 and parser.dropped == 3
+    # a 0xA5 in a dropped header's length is not looked at again
+    assert parser.feed(bytes([0xA5, 2, 0, 0, 0xA5]) + bytes(4) + good) == [frame]
+    assert parser.oversize == 2 and parser.skipped == 4
+
+
+def link_frames(stream):
+    """The frames gateware/link.py's receiver accepts from ``stream`` arriving without a
+    pause, taken a byte at a time as its FSM does: HUNT for 0xA5, then the header; back
+    to HUNT after a length above MAX_PAYLOAD, else after the payload and the CRC's last
+    byte (keeping the frame if the CRC is right). A partial frame at the end is the
+    watchdog's."""
+    out, frame = [], None
+    for b in stream:
+        if frame is None:
+            if b == P.SYNC:
+                frame = bytearray([b])
+            continue
+        frame.append(b)
+        if len(frame) < P.HEADER_BYTES:
+            continue
+        n = frame[3] | frame[4] << 8
+        if n > P.MAX_PAYLOAD:
+            frame = None
+        elif len(frame) == P.OVERHEAD_BYTES + n:
+            if (f := P.decode_frame(frame)) is not None:
+                out.append(f)
+            frame = None
+    return out
 
 
 # ---------------------------------------------------------------- requests/responses -
@@ -626,9 +727,12 @@ def test_model_device_decoder_arbitrary_bytes(pieces, rnd):
     """The `model` device's decoder (ModelTransport: FrameParser, watchdog, serve on a
     Machine) against byte streams of noise, valid requests, arbitrary valid frames (any
     command, seq, payload) and damaged frames, fed in random splits: it never raises, it
-    answers exactly the valid frames, in order, each as serve answers it on a Machine that
-    only ever saw those; and its Machine ends in exactly that Machine's state, so no
-    noise or damaged frame changed anything."""
+    answers exactly the frames the gateware's receiver accepts (`link_frames`: a valid
+    frame that starts while it hunts, never one inside a dropped frame or swallowed by a
+    false start), in order, each as serve answers it on a Machine that only ever saw
+    those; and its Machine ends in exactly that Machine's state, so no noise or damaged
+    frame changed anything. Every frame accepted is one of the valid ones, and every
+    valid one that starts the stream or follows another is accepted."""
     from host.transport import ModelTransport
     from sim.machine import Machine
 
@@ -645,7 +749,15 @@ def test_model_device_decoder_arbitrary_bytes(pieces, rnd):
         got += data
         if not data and not t._parser.pending:
             break
+    accepted = link_frames(stream)
     ref = Machine(DEFAULT)
-    want = b"".join(P.serve(data, ref) for kind, data in pieces if kind == "good")
+    want = b"".join(P.serve(f, ref) for f in accepted)
     assert got == want
     assert machine_state(t.machine) == machine_state(ref)
+    valid = [P.decode_frame(data) for kind, data in pieces if kind == "good"]
+    it = iter(valid)
+    assert all(any(f == v for v in it) for f in accepted), (accepted, valid)
+    hunted = [P.decode_frame(data) for (kind, data), (before, _) in zip(pieces, [("good", b"")] + pieces)
+              if kind == before == "good"]
+    it = iter(accepted)
+    assert all(any(f == h for f in it) for h in hunted), (hunted, accepted)

@@ -399,6 +399,59 @@ def test_link_drops_bad_frames():
     exchange(reqs)
 
 
+def device_answers(streams):
+    """serve's answers to ``streams`` (lists of bytes; None: a pause past the watchdog)
+    sent one after the other through the device's parser (``rescan=False``): the response
+    bytes, the count due after each stream, and the port."""
+    from tests.test_protocol import feed_stream
+
+    parser, ref, out, due = hp.FrameParser(rescan=False), FakePort(), b"", []
+    for stream in streams:
+        for frame in feed_stream(parser, stream):
+            out += serve(frame, ref)
+        due.append(len(out))
+    return out, due, ref
+
+
+def test_link_ignores_frames_inside_dropped_ones():
+    """A request hidden inside a frame the device drops (a bad CRC, an oversize length, a
+    frame cut short: tests.test_protocol.hidden_frame_streams), each followed by a
+    request, then seeded streams of requests, noise (0xA5 often), damaged frames and
+    pauses: the LinkController answers byte for byte what serve answers to the frames the
+    device's parser takes, with the same port writes. The host's parser, which rescans,
+    would answer the hidden requests too."""
+    from tests.test_protocol import AFTER, CORRUPTIONS, corrupt, feed_stream, hidden_frame_streams, random_request
+
+    streams = [hidden + list(AFTER) for hidden in hidden_frame_streams().values()]
+    host, device = hp.FrameParser(), hp.FrameParser(rescan=False)
+    assert [len(feed_stream(host, s)) for s in streams] == [2, 2, 2]
+    assert [len(feed_stream(device, s)) for s in streams] == [1, 1, 1]
+    rng = random.Random(31)
+    kinds = ("good", "noise", "pause", "inside") + CORRUPTIONS
+    for k in range(40):
+        stream = []
+        for _ in range(rng.randint(1, 4)):
+            good = random_request(rng, k, max_words=4)
+            kind = rng.choices(kinds, (6, 1, 1, 2) + (1,) * len(CORRUPTIONS))[0]
+            if kind == "noise":
+                stream += [rng.choice((0xA5, rng.randrange(256))) for _ in range(rng.randint(1, 12))]
+            elif kind == "pause":
+                stream.append(None)
+            elif kind == "inside":          # in a WRITE's payload, its CRC or length damaged
+                outer = bytearray(hp.encode_frame(hp.Command.WRITE, k, bytes(4) + good))
+                outer[rng.choice((-1, 4))] ^= 0x40
+                stream += list(outer)
+            else:
+                stream += list(good if kind == "good" else corrupt(good, kind, rng))
+        streams.append(stream + [None])
+    want, due, ref = device_answers(streams)
+    assert len(hp.FrameParser().feed(want)) > 40
+    # bytes 11 cycles apart: the executor is idle again before the next frame is in
+    got, port, _, _, _ = run_link([(s, False, n) for s, n in zip(streams, due)], gap=10)
+    assert got == want
+    assert port.writes == ref.writes
+
+
 def test_link_back_to_back():
     """The next request arrives while a response goes out (a slow transmitter)."""
     prog = address(Region.PROGRAM, 0, DEFAULT)
