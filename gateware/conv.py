@@ -48,8 +48,8 @@ class ConvUnit(wiring.Component):
 
     Timing: R cycles to line up the first tile's pixels, then one reduction step per
     cycle; a tile takes max(K, R) cycles, and tiles of a layer follow back to back.
-    Results leave ~C + 9 cycles after their tile's last step (array latency, three
-    post-processing stages).
+    Results leave ~C + 10 cycles after their tile's last step (array latency, four
+    post-processing stages: bias, shift, clamp, pool).
     """
 
     def __init__(self, rows, cols, acc_width=32):
@@ -205,32 +205,44 @@ class ConvUnit(wiring.Component):
         # ------------------------------------------------------------ output side
         o_slot = Signal(16)
         o_group = Signal(8)
-        bias = Signal(data.ArrayLayout(signed(self._acc_width), C))
-        bias_state = Signal(2)                      # 0 read it, 1 reading, 2 held
+        # the requantizer's rounding half is added to the bias, once per output group, so
+        # that no stage holds two carry chains: (c + b + half) >> shift is unchanged
+        half = Signal(32)
+        m.d.comb += half.eq((Const(1, 33) << d.shift) >> 1)
+        bias = Signal(data.ArrayLayout(signed(self._acc_width + 1), C))
+        bias_state = Signal(2)                      # 0 read it, 1 reading, 2 rounding, 3 held
         with m.If(begin):
             m.d.sync += [o_slot.eq(0), o_group.eq(0), bias_state.eq(0)]
         with m.Elif(draining & (bias_state == 0)):
             m.d.sync += bias_state.eq(1)
         with m.Elif(bias_state == 1):
-            m.d.sync += [bias.eq(self.bias.data), bias_state.eq(2)]
+            m.d.sync += [bias[j].eq(self.bias.data.word_select(j, self._acc_width).as_signed())
+                         for j in range(C)]
+            m.d.sync += bias_state.eq(2)
+        with m.Elif(bias_state == 2):
+            m.d.sync += [bias[j].eq(bias[j] + half) for j in range(C)]
+            m.d.sync += bias_state.eq(3)
         m.d.comb += [self.bias.addr.eq(d.b_base + o_group), self.bias.en.eq(bias_state == 0)]
 
         enable = ~self.o.valid | self.o.ready       # the whole pipeline moves together
-        take = self.result.valid & enable & (bias_state == 2)
-        m.d.comb += self.result.ready.eq(enable & (bias_state == 2))
+        take = self.result.valid & enable & (bias_state == 3)
+        m.d.comb += self.result.ready.eq(enable & (bias_state == 3))
 
         pool_n = Signal(3)
         m.d.comb += pool_n.eq(d.pool_h * d.pool_w)
         phase = Signal(2)
         out_addr, out_group = Signal(ADDR_BITS), Signal(ADDR_BITS)
-        # stage 1: bias
+        # stage 1: bias (and the rounding half)
         s1_valid, s1_emit, s1_first, s1_last = Signal(), Signal(), Signal(), Signal()
         s1_addr = Signal(ADDR_BITS)
-        s1_sum = Signal(data.ArrayLayout(signed(self._acc_width + 1), C))
-        # stage 2: requantize
+        s1_sum = Signal(data.ArrayLayout(signed(self._acc_width + 2), C))
+        # stage 2: shift; stage 3: clamp
         s2_valid, s2_emit, s2_first, s2_last = Signal(), Signal(), Signal(), Signal()
         s2_addr = Signal(ADDR_BITS)
-        s2_y = Signal(data.ArrayLayout(signed(16), C))
+        s2_sh = Signal(data.ArrayLayout(signed(self._acc_width + 2), C))
+        s3_valid, s3_emit, s3_first, s3_last = Signal(), Signal(), Signal(), Signal()
+        s3_addr = Signal(ADDR_BITS)
+        s3_y = Signal(data.ArrayLayout(signed(16), C))
         pool_max = Signal(data.ArrayLayout(signed(16), C))
 
         with m.If(begin):
@@ -254,24 +266,23 @@ class ConvUnit(wiring.Component):
                 with m.Else():
                     m.d.sync += o_slot.eq(o_slot + 1)
 
-            half = Signal(32)
-            m.d.comb += half.eq((Const(1, 33) << d.shift) >> 1)
             m.d.sync += [s2_valid.eq(s1_valid), s2_emit.eq(s1_emit), s2_first.eq(s1_first),
                          s2_last.eq(s1_last), s2_addr.eq(s1_addr)]
+            m.d.sync += [s2_sh[j].eq(s1_sum[j] >> d.shift) for j in range(C)]
+            m.d.sync += [s3_valid.eq(s2_valid), s3_emit.eq(s2_emit), s3_first.eq(s2_first),
+                         s3_last.eq(s2_last), s3_addr.eq(s2_addr)]
+            hi = Mux(d.wide, 32767, 127)
+            lo = Mux(d.relu, 0, Mux(d.wide, -32768, -128))
             for j in range(C):
-                shifted = Signal(signed(self._acc_width + 2), name=f"shifted{j}")
-                m.d.comb += shifted.eq((s1_sum[j] + half) >> d.shift)
-                hi = Mux(d.wide, 32767, 127)
-                lo = Mux(d.relu, 0, Mux(d.wide, -32768, -128))
-                m.d.sync += s2_y[j].eq(Mux(shifted > hi, hi, Mux(shifted < lo, lo, shifted)))
+                m.d.sync += s3_y[j].eq(Mux(s2_sh[j] > hi, hi, Mux(s2_sh[j] < lo, lo, s2_sh[j])))
 
-            # stage 3: running max of the window, one output word per window
-            m.d.sync += self.o.valid.eq(s2_valid & s2_emit)
-            with m.If(s2_valid):
+            # stage 4: running max of the window, one output word per window
+            m.d.sync += self.o.valid.eq(s3_valid & s3_emit)
+            with m.If(s3_valid):
                 for j in range(C):
-                    best = Mux(s2_first | (s2_y[j] > pool_max[j]), s2_y[j], pool_max[j])
+                    best = Mux(s3_first | (s3_y[j] > pool_max[j]), s3_y[j], pool_max[j])
                     m.d.sync += [pool_max[j].eq(best), self.o.payload.data[j].eq(best)]
-                m.d.sync += [self.o.payload.addr.eq(s2_addr), self.o.payload.last.eq(s2_last)]
+                m.d.sync += [self.o.payload.addr.eq(s3_addr), self.o.payload.last.eq(s3_last)]
 
         # The last output word can leave before the array's last rows: a final tile with
         # fewer pixels than rows still sends R rows, which must not spill into the next

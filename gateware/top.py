@@ -67,6 +67,14 @@ class Accelerator(wiring.Component):
         m.submodules.gather = gather = GatherUnit(cfg)
         m.submodules.cache = cache = ActivationCache(cfg)
         m.submodules.lora = lora = LoraEngine(cfg)
+        # register slices on the streams that cross the chip: the LoRA engine is fed from
+        # two units, and loads fan out to every row's activation buffer and hold the conv
+        # unit's pipeline; the slices keep the producers' handshakes and the host decode
+        # out of the consumers' timing paths
+        m.submodules.lora_in = lora_in = SkidBuffer(sample_layout(cfg))
+        m.submodules.engine_in = engine_in = SkidBuffer(engine.load.payload.shape())
+        wiring.connect(m, lora_in.o, lora.i_stream)
+        wiring.connect(m, engine_in.o, engine.load)
 
         running = seq.running
         region = Signal(Region)
@@ -109,7 +117,7 @@ class Accelerator(wiring.Component):
             gather.gather.eq(seq.gather_start), gather.to_lora.eq(seq.gather_lora),
             gather.to_fill.eq(seq.gather_fill), gather.index.eq(seq.index),
             gather.label.eq(lab_r.data),
-            seq.gather_busy.eq(gather.busy),
+            seq.gather_busy.eq(gather.busy | engine_in.busy),
             cache.setup.eq(seq.cache), cache.invalidate.eq(seq.invalidate),
             cache.clear_counters.eq(seq.clear_counters),
             lora.setup.eq(seq.adapter), lora.mant.eq(seq.lr.mant), lora.exp.eq(seq.lr.exp),
@@ -134,10 +142,6 @@ class Accelerator(wiring.Component):
         with m.If(rd.valid & rd.ready & rd.payload.last):
             m.d.sync += reading.eq(0)
 
-        # the LoRA engine is fed from two units across the chip: a register slice keeps
-        # their handshakes and its issue logic out of one timing path
-        m.submodules.lora_in = lora_in = SkidBuffer(sample_layout(cfg))
-        wiring.connect(m, lora_in.o, lora.i_stream)
         src = lora_in.i
         with m.If(reading):
             m.d.comb += [src.valid.eq(rd.valid & rd.payload.hit),
@@ -148,7 +152,8 @@ class Accelerator(wiring.Component):
             m.d.comb += [src.valid.eq(gather.lora.valid), gather.lora.ready.eq(src.ready),
                          src.payload.eq(gather.lora.payload)]
 
-        units_busy = engine.busy | gather.busy | reading | lora_in.busy | lora.busy | cache.busy
+        units_busy = (engine.busy | engine_in.busy | gather.busy | reading | lora_in.busy | lora.busy
+                      | cache.busy)
         m.d.comb += seq.units_busy.eq(units_busy)
 
         # --- counters ----------------------------------------------------------------------
@@ -182,7 +187,7 @@ class Accelerator(wiring.Component):
 
         # wide words: chunks are staged, the last one commits the word to the layer engine
         staging = Signal(32 * C)
-        load = engine.load
+        load = engine_in.i
         with m.If(running):
             m.d.comb += [load.valid.eq(gather.load.valid), load.payload.eq(gather.load.payload),
                          gather.load.ready.eq(load.ready)]
