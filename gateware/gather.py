@@ -133,15 +133,17 @@ class GatherUnit(wiring.Component):
 
     Timing
     ------
-    - MOVE: the sample is read from the cycle of the strobe on (the strobe's ``src``
-      addresses its first word), one sample-memory word per cycle at the most: each
-      cycle takes the bytes of the current sample word that belong to the current
-      activation word (up to 4, fewer at the end of either), and the activation word is
-      on ``load`` in the cycle after its last byte was taken. ``busy`` falls ``T + 2``
-      cycles after the strobe, ``T`` the sum over the activation words of the sample
-      words each one's bytes lie in: ``d_0 + 2`` for one lane per word (one byte per
-      cycle), ``2 * pixels * groups + 2`` for whole words of C = 8 from a 4-aligned
-      ``src``, ``3 * pixels * groups + 2`` from any other.
+    - MOVE: the sample's words are read in order from the cycle of the strobe on (the
+      strobe's ``src`` addresses the first), registered, and queued in a 4-word FIFO
+      on credit; the first is at its head 3 cycles after the strobe. From then on each
+      cycle takes the bytes of the head word that belong to the current activation
+      word (up to 4, fewer at the end of either), and the activation word is on
+      ``load`` in the cycle after its last byte was taken. ``busy`` falls ``T + 6`` or
+      ``T + 7`` cycles after the strobe, once the words read past the sample's end have
+      drained, ``T`` the sum over the activation words of the sample words each one's
+      bytes lie in: ``d_0`` for one lane per word (one byte per cycle), ``2 * pixels *
+      groups`` for whole words of C = 8 from a 4-aligned ``src``, ``3 * pixels *
+      groups`` from any other.
     - GATHER: one element per cycle at full rate. An element's word is read in the cycle
       it is issued, its lane registered the next, and it enters the 4-entry beat FIFO
       (formatted) the cycle after; the first beat is on ``lora``/``fill`` 4 cycles after
@@ -155,10 +157,10 @@ class GatherUnit(wiring.Component):
       other's ``ready``.
 
     Measured (tests/gateware/test_gather.py, on the layer engine, default configuration):
-    digits MOVE of 64 bytes, words on ``load`` 2 .. 65 cycles after the strobe, ``busy``
-    low from cycle 66; digits GATHER of 288 activations + 10 logits to both destinations,
+    digits MOVE of 64 bytes, words on ``load`` 4 .. 67 cycles after the strobe, ``busy``
+    low from cycle 70 or 71; digits GATHER of 288 activations + 10 logits to both destinations,
     beats 4 .. 301 cycles after the strobe, ``busy`` low from cycle 302. The fan model's
-    input (1, 1, 256): 66 cycles from a 4-aligned ``src``, 98 from another.
+    input (1, 1, 256): 70 cycles from a 4-aligned ``src``, 103 from another.
     """
 
     def __init__(self, cfg):
@@ -201,9 +203,29 @@ class GatherUnit(wiring.Component):
         moving = Signal()
         gathering = Signal()
         in_flight = Signal()            # GATHER beats in the read pipeline or the FIFO
-        m.d.comb += self.busy.eq(moving | self.load.valid | gathering | in_flight)
+        fetched = Signal()              # MOVE's words read ahead, in flight or in their FIFO
+        m.d.comb += self.busy.eq(moving | self.load.valid | fetched | gathering | in_flight)
 
-        # ------------------------------------------------------------ MOVE
+        # ------------------------------------------------------------ MOVE: fetch
+        # A sample is stored compactly, so MOVE reads its words in order: they are read
+        # ahead into a FIFO, the memory's output going straight into a register (a deep
+        # memory's output multiplexer is slow), on credit as GATHER's elements are.
+        m.submodules.words = words = SyncFIFO(width=8 * SAMPLE_WORD_BYTES, depth=READ_FIFO_DEPTH)
+        fetching = Signal()
+        f_addr = Signal(len(self.smp_addr))
+        f1, f2 = Signal(), Signal()                     # a word on smp_data; in smp_q
+        smp_q = Signal(8 * SAMPLE_WORD_BYTES)
+        f_credit = words.level + f1 + f2 < READ_FIFO_DEPTH
+        f_issue = fetching & f_credit
+        # idle, the strobe's ``src`` is addressed: its word is read in the strobe's cycle
+        m.d.comb += self.smp_addr.eq(Mux(fetching, f_addr, self.src[2:]))
+        m.d.sync += [f1.eq(f_issue | ~self.busy & self.move), f2.eq(f1), smp_q.eq(self.smp_data)]
+        with m.If(f_issue):
+            m.d.sync += f_addr.eq(f_addr + 1)
+        m.d.comb += [words.w_data.eq(smp_q), words.w_en.eq(f2),
+                     fetched.eq(f1 | f2 | words.r_rdy)]
+
+        # ------------------------------------------------------------ MOVE: merge
         entry0 = setup.layers[0]
         byte_addr = Signal(len(self.src))
         word = Signal(8 * C)            # the activation word's lanes taken so far
@@ -212,24 +234,23 @@ class GatherUnit(wiring.Component):
         avail = SAMPLE_WORD_BYTES - off                         # 1 .. 4
         word_end = need <= avail
         take = Mux(word_end, need, avail)
-        # Lane i of the word takes byte (i - lane + off) of the sample word when it is
-        # one of the ``take`` lanes from ``lane`` on.
+        # Lane i of the word takes byte (i - lane + off) of the FIFO's head, the sample
+        # word of ``byte_addr``, when it is one of the ``take`` lanes from ``lane`` on.
         merged = Signal(8 * C)
         for i in range(C):
             taken = (i >= lane) & (i < lane + take)
-            byte = self.smp_data.word_select((i - lane + off)[:2], 8)
+            byte = words.r_data.word_select((i - lane + off)[:2], 8)
             m.d.comb += merged.word_select(i, 8).eq(Mux(taken, byte, word.word_select(i, 8)))
 
-        step = moving & (~self.load.valid | self.load.ready)
-        next_addr = Mux(step, byte_addr + take, byte_addr)
-        # The sample word of the next cycle's byte is addressed now (1-cycle read); idle,
-        # the strobe's ``src`` is, so that the first word is there in the first cycle.
-        m.d.comb += self.smp_addr.eq(Mux(moving, next_addr, self.src)[2:])
+        step = moving & words.r_rdy & (~self.load.valid | self.load.ready)
+        # the head is used up when this step takes its last byte; once the move is done
+        # the words read ahead are dropped as they arrive
+        m.d.comb += words.r_en.eq(Mux(moving, step & (take == avail), words.r_rdy))
 
         with m.If(self.load.ready):
             m.d.sync += self.load.valid.eq(0)
         with m.If(step):
-            m.d.sync += byte_addr.eq(next_addr)
+            m.d.sync += byte_addr.eq(byte_addr + take)
             with m.If(word_end):
                 m.d.sync += [
                     self.load.valid.eq(1),
@@ -241,7 +262,7 @@ class GatherUnit(wiring.Component):
                 ]
                 walk.next_word(m, entry0)
                 with m.If(walk.last_word(entry0)):
-                    m.d.sync += moving.eq(0)
+                    m.d.sync += [moving.eq(0), fetching.eq(0)]
             with m.Else():
                 m.d.sync += [word.eq(merged), lane.eq(lane + take)]
 
@@ -301,7 +322,8 @@ class GatherUnit(wiring.Component):
         # ------------------------------------------------------------ strobes
         with m.If(~self.busy):
             with m.If(self.move):
-                m.d.sync += [moving.eq(1), byte_addr.eq(self.src), word.eq(0), lane.eq(0)]
+                m.d.sync += [moving.eq(1), byte_addr.eq(self.src), word.eq(0), lane.eq(0),
+                             fetching.eq(1), f_addr.eq(self.src[2:] + 1)]
                 walk.start(m, entry0)
             with m.Elif(self.gather):
                 m.d.sync += [
