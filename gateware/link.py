@@ -217,21 +217,26 @@ class LinkController(wiring.Component):
         good_len = Mux(is_cmd[Command.WRITE], (r_len >= 8) & (r_len[:2] == 0),
                    Mux(is_cmd[Command.READ], (r_len == 6) & (count >= 1) & (count <= MAX_WORDS),
                    Mux(is_cmd[Command.START], r_len == 2, r_len == 0)))
+        # The checks and what the executor takes are registered: the frame's fields are
+        # final from its first CRC byte on, and the handoff comes after its last (so
+        # ``running`` is the one of the cycle before the handoff)
         err = Signal(3)             # an ErrorCode, 0 for none
         with m.If(~Cat(*is_cmd.values()).any()):
-            m.d.comb += err.eq(ErrorCode.UNKNOWN_COMMAND)
+            m.d.sync += err.eq(ErrorCode.UNKNOWN_COMMAND)
         with m.Elif(~good_len):
-            m.d.comb += err.eq(ErrorCode.BAD_LENGTH)
+            m.d.sync += err.eq(ErrorCode.BAD_LENGTH)
         with m.Elif((is_cmd[Command.WRITE] | is_cmd[Command.READ]) & ~good_addr):
-            m.d.comb += err.eq(ErrorCode.BAD_ADDRESS)
+            m.d.sync += err.eq(ErrorCode.BAD_ADDRESS)
         with m.Elif(self.running & is_cmd[Command.START]):
-            m.d.comb += err.eq(ErrorCode.START_WHILE_RUNNING)
+            m.d.sync += err.eq(ErrorCode.START_WHILE_RUNNING)
         # a good range lies inside one region: READ while running needs it to be REGS
         with m.Elif(self.running & (is_cmd[Command.WRITE] | is_cmd[Command.LOADED]
                                     | is_cmd[Command.READ] & (region != Region.REGS))):
-            m.d.comb += err.eq(ErrorCode.RUNNING)
+            m.d.sync += err.eq(ErrorCode.RUNNING)
         with m.Elif(is_cmd[Command.START] & ~self.loaded):
-            m.d.comb += err.eq(ErrorCode.NO_MODEL)
+            m.d.sync += err.eq(ErrorCode.NO_MODEL)
+        with m.Else():
+            m.d.sync += err.eq(0)
 
         # --- the frame as the executor holds it -------------------------------------------
         x_cmd, x_seq = Signal(8), Signal(8)
@@ -247,19 +252,27 @@ class LinkController(wiring.Component):
         starts = Signal(32)                         # STARTs served since reset
         is_x = {c: x_cmd == c.value for c in Command}
         failed, x_failed = err != 0, x_err != 0
-        reads = ~failed & (is_cmd[Command.IDENTIFY] | is_cmd[Command.STATUS] | is_cmd[Command.READ])
-        words = Mux(is_cmd[Command.IDENTIFY], len(IDENTIFY_REGS),
-                Mux(is_cmd[Command.STATUS], STATUS_WORDS,
-                Mux(is_cmd[Command.READ], count, (r_len - 4) >> 2)))
-        with m.If(handoff):
-            m.d.sync += [
-                x_cmd.eq(r_cmd), x_seq.eq(r_seq), x_err.eq(err), x_buf.eq(r_buf),
-                x_addr.eq(Mux(is_cmd[Command.IDENTIFY], _reg(IDENTIFY_REGS[0]),
+        words = Signal.like(x_count)
+        first_addr = Signal.like(x_addr)
+        answers = Signal()          # IDENTIFY, STATUS, READ
+        model = Signal()
+        m.d.sync += [
+            words.eq(Mux(is_cmd[Command.IDENTIFY], len(IDENTIFY_REGS),
+                     Mux(is_cmd[Command.STATUS], STATUS_WORDS,
+                     Mux(is_cmd[Command.READ], count, (r_len - 4) >> 2)))),
+            first_addr.eq(Mux(is_cmd[Command.IDENTIFY], _reg(IDENTIFY_REGS[0]),
                           Mux(is_cmd[Command.STATUS], _reg(STATUS_REGS[0]),
                           Mux(is_cmd[Command.START] | is_cmd[Command.ABORT], _reg(Regs.CONTROL),
                               addr)))),
-                x_count.eq(words), x_entry.eq(r_head[:16]), x_reads.eq(reads),
-                x_model.eq(Cat(region == r.value for r in MODEL_REGIONS).any()),
+            answers.eq(is_cmd[Command.IDENTIFY] | is_cmd[Command.STATUS] | is_cmd[Command.READ]),
+            model.eq(Cat(region == r.value for r in MODEL_REGIONS).any()),
+        ]
+        reads = ~failed & answers
+        with m.If(handoff):
+            m.d.sync += [
+                x_cmd.eq(r_cmd), x_seq.eq(r_seq), x_err.eq(err), x_buf.eq(r_buf),
+                x_addr.eq(first_addr), x_count.eq(words), x_entry.eq(r_head[:16]),
+                x_reads.eq(reads), x_model.eq(model),
                 x_rlen.eq(Mux(failed, 2, Mux(reads, words << 2, 0))),
             ]
 
