@@ -291,14 +291,21 @@ class Sequencer(wiring.Component):
                     m.d.comb += self.layer_start.eq(1)
                     next_insn()
 
+            # the sample's range and its check take a cycle each: neither carry chain
+            # lies on the path of the strobe into the gather unit
+            src = Signal(COUNT_BITS * 2)
+            past_end = Signal()
             with state("MOVE"):
-                src = Signal(COUNT_BITS * 2)
                 m.d.sync += src.eq(self.index * arg.move.stride)
                 m.next = "MOVE_CHECK"
 
             with state("MOVE_CHECK"):
+                m.d.sync += past_end.eq(src + arg.move.stride > cfg.sample_words)
+                m.next = "MOVE_GO"
+
+            with state("MOVE_GO"):
                 m.d.comb += self.move_src.eq(src)
-                with m.If(src + arg.move.stride > cfg.sample_words):
+                with m.If(past_end):
                     fail(Error.INDEX)
                 with m.Elif(~self.layer_busy & ~self.gather_busy):
                     m.d.comb += self.move.eq(1)
