@@ -42,8 +42,8 @@ class Accelerator(wiring.Component):
     -------
     addr, wdata, we, re, rdata, rvalid
         The host port (`firmware.memmap`). ``we`` writes ``wdata`` at ``addr`` in that
-        cycle; ``re`` reads ``addr``, whose word is on ``rdata`` with ``rvalid`` high in
-        the next cycle. One access per cycle, never stalled. While a program runs only
+        cycle; ``re`` reads ``addr``, whose word is on ``rdata`` with ``rvalid`` high 2
+        cycles later. One access per cycle, never stalled. While a program runs only
         REGS is served (other reads give 0, writes are dropped, both set REFUSED).
     running, done, error : Out(1)
         For status LEDs.
@@ -209,12 +209,16 @@ class Accelerator(wiring.Component):
                      ad.mem_we.eq(host_we & (region == Region.ADAPTERS)),
                      ad.mem_re.eq(host_re & (region == Region.ADAPTERS))]
 
-        # --- host reads: the word is on rdata in the cycle after re --------------------------
+        # --- host reads: the word is on rdata 2 cycles after re ----------------------------
+        # cycle 1: the memories' words and the register; each goes straight into a
+        # register of its own (a deep memory's output multiplexer is slow), cycle 2: the
+        # region's word is chosen
         rd_region = Signal(Region)
         rd_chunk = Signal(OFFSET_BITS)
         rd_reg = Signal(32)
         rd_refused = Signal()
-        m.d.sync += [self.rvalid.eq(self.re), rd_region.eq(region), rd_chunk.eq(offset),
+        rd_valid = Signal()
+        m.d.sync += [rd_valid.eq(self.re), rd_region.eq(region), rd_chunk.eq(offset),
                      rd_refused.eq(running & (region != Region.REGS))]
         with m.If(~running):
             m.d.comb += [engine.rd_mem.eq(Mux(region == Region.LOGITS, MEM_LOGIT, MEM_ACT)),
@@ -247,25 +251,21 @@ class Accelerator(wiring.Component):
         act8 = Signal(8 * C)
         for j in range(C):
             m.d.comb += act8.word_select(j, 8).eq(engine.rd_data.word_select(j, 16)[:8])
-        with m.If(self.rvalid & ~rd_refused):
-            with m.Switch(rd_region):
-                with m.Case(Region.REGS):
-                    m.d.comb += self.rdata.eq(rd_reg)
-                with m.Case(Region.PROGRAM):
-                    m.d.comb += self.rdata.eq(prog_r.data)
-                with m.Case(Region.SAMPLES):
-                    m.d.comb += self.rdata.eq(smp_r.data)
-                with m.Case(Region.LABELS):
-                    m.d.comb += self.rdata.eq(lab_r.data)
-                with m.Case(Region.RESULTS):
-                    m.d.comb += self.rdata.eq(res_r.data)
-                with m.Case(Region.ADAPTERS):
-                    m.d.comb += self.rdata.eq(ad.mem_rmaster)
-                with m.Case(Region.ACT):
-                    m.d.comb += self.rdata.eq(_chunk(act8, rd_chunk, chunk_bits(Region.ACT, cfg)))
-                with m.Case(Region.LOGITS):
-                    m.d.comb += self.rdata.eq(
-                        _chunk(engine.rd_data, rd_chunk, chunk_bits(Region.LOGITS, cfg)))
+        words = {Region.REGS: rd_reg, Region.PROGRAM: prog_r.data, Region.SAMPLES: smp_r.data,
+                 Region.LABELS: lab_r.data, Region.RESULTS: res_r.data,
+                 Region.ADAPTERS: ad.mem_rmaster,
+                 Region.ACT: _chunk(act8, rd_chunk, chunk_bits(Region.ACT, cfg)),
+                 Region.LOGITS: _chunk(engine.rd_data, rd_chunk, chunk_bits(Region.LOGITS, cfg))}
+        held = {r: Signal(32, name=f"rd_{r.name.lower()}") for r in words}
+        m.d.sync += [held[r].eq(w) for r, w in words.items()]
+        rd2_region = Signal(Region)
+        rd2_refused = Signal()
+        m.d.sync += [self.rvalid.eq(rd_valid), rd2_region.eq(rd_region), rd2_refused.eq(rd_refused)]
+        with m.If(self.rvalid & ~rd2_refused):
+            with m.Switch(rd2_region):
+                for r, word in held.items():
+                    with m.Case(r):
+                        m.d.comb += self.rdata.eq(word)
         return m
 
 

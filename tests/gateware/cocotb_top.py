@@ -27,6 +27,9 @@ MODES = os.environ.get("SKIPTUNE_TOP_MODES", "on,off").split(",")
 POLL = 5000
 
 
+READ_LATENCY = 2       # cycles from re to rvalid (gateware.top.Accelerator)
+
+
 class Port:
     """The host port, one access per cycle, driven on falling edges."""
 
@@ -43,14 +46,24 @@ class Port:
         dut.we.value = 0
 
     async def read(self, addresses):
-        dut, out = self.dut, []
-        for a in addresses:
-            dut.addr.value, dut.re.value = a, 1
+        """One read per cycle; each word comes with ``rvalid`` exactly 2 cycles after its
+        ``re``."""
+        dut, out, issued = self.dut, [], []
+        cycle = 0
+        while len(out) < len(addresses):
+            if len(issued) < len(addresses):
+                dut.addr.value, dut.re.value = addresses[len(issued)], 1
+                issued.append(cycle)
+            else:
+                dut.re.value = 0
             await RisingEdge(dut.clk)
             await ReadOnly()
-            assert int(dut.rvalid.value) == 1
-            out.append(int(dut.rdata.value))
+            if int(dut.rvalid.value):
+                # seen after the rising edge READ_LATENCY edges from the one that took re
+                assert cycle - issued[len(out)] == READ_LATENCY - 1
+                out.append(int(dut.rdata.value))
             await FallingEdge(dut.clk)
+            cycle += 1
         dut.re.value = 0
         return out
 
