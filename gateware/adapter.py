@@ -203,8 +203,8 @@ class AdapterDatapath(wiring.Component):
 
     Pipeline and timing
     -------------------
-    Operations are issued one per cycle into a pipeline shared by all lanes: issue (bank
-    addresses), memory read, operand registers (compute copy ``sat16(rshift_round(master,
+    Operations are issued one per cycle into a pipeline shared by all lanes: issue (the operation and
+    each bank's row registered), memory read, operand registers (compute copy ``sat16(rshift_round(master,
     F_m - F_w))`` of each bank word, rotation onto the lanes, operand select), registered
     product (one MULT18X18D per lane), accumulate / adder tree / write-back. A sample at
     full rate, ``n = sum_l d_l`` inputs, ``L`` layers, rank ``r``, ``C`` classes:
@@ -212,22 +212,22 @@ class AdapterDatapath(wiring.Component):
     - forward: every input beat is accepted in the cycle it is valid and issues one row of
       ``A_l`` to the lanes (``r`` lanes busy), so the hidden sums follow the stream; a
       side pipeline requantizes each finished layer's ``h_l`` (one element per cycle,
-      hidden behind the next layer's beats and the base logits, ``r + 7`` cycles after
+      hidden behind the next layer's beats and the base logits, ``r + 8`` cycles after
       the last input for the last layer). Then ``L r`` cycles of ``B_l`` rows (``C`` lanes
       busy), a drain, and ``C`` beats of ``z``. From the cycle that accepts the first
       input beat to the one that accepts the last ``z``, inclusive:
-      ``n + max(C, r + 7) + L r + C + 8`` cycles; for the digits model at rank 4 (n = 288,
-      L = 4, C = 10) 288 + 11 + 16 + 10 + 8 = 333 cycles for 1312 MACs.
+      ``n + max(C, r + 8) + L r + C + 9`` cycles; for the digits model at rank 4 (n = 288,
+      L = 4, C = 10) 288 + 12 + 16 + 10 + 9 = 335 cycles for 1312 MACs.
     - gradient: C beats of ``g`` into registers, then ``L r`` rows for ``e`` (products on
       ``C`` lanes, a registered adder tree over the lanes, requantize), ``L r`` rows for
       ``dB`` and ``n`` rows for ``dA`` (read-modify-write of the accumulators, written
       back five cycles after the read; every row of a pass is a different address, so
       nothing is read before it is written back), and a drain. From the cycle that
       accepts the first ``g`` beat to the first cycle with ``busy`` low:
-      ``C + 2 L r + n + 6`` cycles when ``L r`` covers the adder tree's latency
-      (``log2 P + 5``); for digits 10 + 32 + 288 + 6 = 336 cycles for 1472 MACs.
+      ``C + 2 L r + n + 7`` cycles when ``L r`` covers the adder tree's latency
+      (``log2 P + 6``); for digits 10 + 32 + 288 + 7 = 337 cycles for 1472 MACs.
 
-    So a digits sample takes 669 cycles for 2784 MACs (4.2 per cycle of a possible 16:
+    So a digits sample takes 672 cycles for 2784 MACs (4.1 per cycle of a possible 16:
     the rows of ``A_l``, which carry most of the MACs, use ``r`` of the ``P`` lanes).
     tests/gateware/test_adapter.py (tiny configuration) and cocotb_adapter.py (digits)
     check both formulas. Not done here: a second sample buffer, so that the forward of
@@ -320,15 +320,35 @@ class AdapterDatapath(wiring.Component):
         xaddr0 = Signal(range(cfg.adapter_words))
 
         port_active = self.mem_re | self.mem_we | self.mem_clr
-        issuing = op0 != _Op.NONE
+
+        # --- Issue register (I) ---------------------------------------------------------
+        # The operation and its row in each bank are registered before they address the
+        # memories: neither the sequencer's handshake nor the row adder lies on a path
+        # into a RAM's address.
+        op_layout = data.StructLayout({
+            "op": _Op, "start": unsigned(AW + 1), "count": unsigned(bits_for(P)),
+            "first": unsigned(1), "last": unsigned(1), "layer": unsigned(lbits),
+            "k": unsigned(kbits),
+        })
+        opI = Signal(op_layout)
+        rowI = [Signal.like(mrd[b].addr, name=f"row{b}") for b in range(P)]
+        xI = Signal(signed(cfg.act_bits))
+        xaddrI = Signal.like(xaddr0)
         rot0 = bank_of(start0)
+        m.d.sync += [
+            opI.op.eq(op0), opI.start.eq(start0), opI.count.eq(count0), opI.first.eq(first0),
+            opI.last.eq(last0), opI.layer.eq(layer0), opI.k.eq(k0), xI.eq(x0),
+            xaddrI.eq(xaddr0),
+        ]
+        m.d.sync += [rowI[b].eq(row_of(start0) + (b < rot0)) for b in range(P)]
+        issuing = opI.op != _Op.NONE
         for b in range(P):
-            row = Mux(issuing, row_of(start0) + (b < rot0), row_of(self.mem_addr))
+            row = Mux(issuing, rowI[b], row_of(self.mem_addr))
             m.d.comb += [mrd[b].addr.eq(row), grd[b].addr.eq(row)]
         m.d.comb += [
-            hr.addr.eq(Cat(k0[:LP] if LP else Const(0, 0), layer0)),
-            er.addr.eq(layer0),
-            xr.addr.eq(xaddr0),
+            hr.addr.eq(Cat(opI.k[:LP] if LP else Const(0, 0), opI.layer)),
+            er.addr.eq(opI.layer),
+            xr.addr.eq(xaddrI),
         ]
 
         # --- Port ---------------------------------------------------------------------
@@ -349,20 +369,11 @@ class AdapterDatapath(wiring.Component):
             ]
 
         # --- Pipeline -----------------------------------------------------------------
-        op_layout = data.StructLayout({
-            "op": _Op, "start": unsigned(AW + 1), "count": unsigned(bits_for(P)),
-            "first": unsigned(1), "last": unsigned(1), "layer": unsigned(lbits),
-            "k": unsigned(kbits),
-        })
         op1, op2, op3, op4, op5 = (Signal(op_layout, name=f"op{t}") for t in range(1, 6))
-        m.d.sync += [
-            op1.op.eq(op0), op1.start.eq(start0), op1.count.eq(count0), op1.first.eq(first0),
-            op1.last.eq(last0), op1.layer.eq(layer0), op1.k.eq(k0),
-            op2.eq(op1), op3.eq(op2), op4.eq(op3),
-        ]
+        m.d.sync += [op1.eq(opI), op2.eq(op1), op3.eq(op2), op4.eq(op3)]
         # T1: memory data valid; register it raw (a DP16KD's clock-to-out is long)
         x1 = Signal(signed(cfg.act_bits))
-        m.d.sync += x1.eq(x0)
+        m.d.sync += x1.eq(xI)
         mraw = [Signal(signed(cfg.master_bits), name=f"mraw{b}") for b in range(P)]
         graw = [Signal(signed(GW), name=f"graw{b}") for b in range(P)]
         h2 = Signal(signed(HB))
@@ -451,12 +462,13 @@ class AdapterDatapath(wiring.Component):
         m.d.comb += [ew.addr.eq(el), ew.en.eq(Mux(ev, Const(1, P) << ek[:LP] if LP else 1, 0))]
         m.d.comb += [ew.data[j].eq(e_val) for j in range(P)]
         e_pending = Signal()
-        m.d.comb += e_pending.eq(Cat(*e_busy).any() | (op1.op == _Op.E) | (op2.op == _Op.E)
-                                 | (op3.op == _Op.E) | (op4.op == _Op.E))
+        m.d.comb += e_pending.eq(Cat(*e_busy).any() | (opI.op == _Op.E) | (op1.op == _Op.E)
+                                 | (op2.op == _Op.E) | (op3.op == _Op.E) | (op4.op == _Op.E))
 
         lane_busy = Signal()
-        m.d.comb += lane_busy.eq((op1.op != _Op.NONE) | (op2.op != _Op.NONE) | (op3.op != _Op.NONE)
-                                 | (op4.op != _Op.NONE) | (op5.op != _Op.NONE) | e_pending)
+        m.d.comb += lane_busy.eq((opI.op != _Op.NONE) | (op1.op != _Op.NONE) | (op2.op != _Op.NONE)
+                                 | (op3.op != _Op.NONE) | (op4.op != _Op.NONE) | (op5.op != _Op.NONE)
+                                 | e_pending)
 
         # --- h_l requantizer: a side pipeline behind each finished layer ---------------
         # rshift_round(v, s) for any s: t = v << LS (so every left shift is a right

@@ -95,10 +95,10 @@ class LoraEngine(wiring.Component):
     (``fwd_cycles`` per sample, from the cycle that accepts its first beat to the first
     cycle with the adapter idle):
 
-        (n + max(C, r + 7) + L r + C + 8)        adapter forward, to the last z
+        (n + max(C, r + 8) + L r + C + 9)        adapter forward, to the last z
       + (C + 28)                                 loss unit, last z to first g
-      + (C + 2 L r + n + 6)                      gradient accumulation
-      = 2 n + max(C, r + 7) + 3 L r + 3 C + 42
+      + (C + 2 L r + n + 7)                      gradient accumulation
+      = 2 n + max(C, r + 8) + 3 L r + 3 C + 44
 
     The update of ``N = sum_l (d_l r + r C)`` weights issues one weight per cycle: master,
     accumulator, ``M`` and ``V`` read (and the accumulator cleared) in cycle ``t``, the

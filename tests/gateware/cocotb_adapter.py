@@ -240,5 +240,5 @@ async def digits_full_rate(dut):
     dut._log.info(f"digits rank {RANK}: forward {cycles[0][0]} cycles for {fwd} MACs, "
                   f"gradient {cycles[0][1]} cycles for {grad} MACs")
     assert cycles[0] == cycles[1] == cycles[2]
-    assert cycles[0][0] == n_act + max(C, RANK + 7) + L * RANK + C + 8
-    assert cycles[0][1] == C + 2 * L * RANK + n_act + 6
+    assert cycles[0][0] == n_act + max(C, RANK + 8) + L * RANK + C + 9
+    assert cycles[0][1] == C + 2 * L * RANK + n_act + 7

@@ -199,14 +199,14 @@ def test_adapter_amaranth(extreme):
 
 
 def test_adapter_cycles():
-    """At full rate: forward n + max(C, r + 7) + L r + C + 8 cycles, gradient
-    C + 2 L r + n + 6 (the AdapterDatapath docstring)."""
+    """At full rate: forward n + max(C, r + 8) + L r + C + 9 cycles, gradient
+    C + 2 L r + n + 7 (the AdapterDatapath docstring)."""
     s_x, xs, base, y, masters = tiny_case(7)
     z, grads, cycles = rtl_adapter(s_x, xs, base, y, masters, TINY)
     assert_same(ref_adapter(s_x, xs, base, y, masters, TINY), (z, grads))
     n, C, L, r = sum(x.shape[1] for x in xs), base.shape[1], len(xs), masters[0][0].shape[1]
     print("cycles per sample (forward, gradient):", cycles[0])
-    assert cycles == [(n + max(C, r + 7) + L * r + C + 8, C + 2 * L * r + n + 6)] * len(cycles)
+    assert cycles == [(n + max(C, r + 8) + L * r + C + 9, C + 2 * L * r + n + 7)] * len(cycles)
 
 
 @pytest.mark.parametrize("sim", SIMULATORS)

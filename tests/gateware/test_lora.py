@@ -142,7 +142,7 @@ def tiny_batches(seed, n_batches=3, batch=2):
 
 def sample_cycles(n, L, r, C):
     """forward+gradient cycles of one sample at full rate (the LoraEngine docstring)."""
-    return 2 * n + max(C, r + 7) + 3 * L * r + 3 * C + 42
+    return 2 * n + max(C, r + 8) + 3 * L * r + 3 * C + 44
 
 
 @pytest.mark.parametrize("idle", [0.0, 0.3], ids=["full-rate", "bubbles"])
