@@ -14,7 +14,8 @@ images (docs/isa.md, "The compiled programs").
   word)`` pairs in write order (every chunked word ends on its last chunk, which commits
   it).
 - `read_masters(words, model, rank, cfg)` reads the adapters back from the ADAPTERS
-  region; `master_words(masters)` is its inverse.
+  region; `master_words(masters, cfg)` is its inverse (the layout is
+  `firmware.memmap.adapter_bases`).
 
 Activations: every layer's input stays in the activation buffer until the GATHER of its
 sample, so the layers do not ping-pong: layer 0's input is at word 0, each layer writes
@@ -36,7 +37,7 @@ from sim.fixed_model import lr_mantissa, quantize_input
 from .asm import Assembler, AsmError
 from .isa import COUNT_BITS, WORD_BITS, Cond, Opcode, Phase, Reg, pack, register_layout
 from .layers import ConvDescriptor, LayoutError, pack_biases, pack_weights, plan_network, to_words
-from .memmap import OFFSET_BITS, Region, chunk_bits, word_bits
+from .memmap import OFFSET_BITS, Region, adapter_addresses, adapter_span, chunk_bits, word_bits
 
 __all__ = ["Program", "compile_finetune", "compile_infer", "plan_activations",
            "register_values", "finetune_images", "infer_images", "frozen_images",
@@ -320,23 +321,35 @@ def sample_images(model, x, y, cfg, order=None):
             Region.LABELS: [(0, [int(v) & _MASK for v in y[order]])]}
 
 
-def master_words(masters):
-    """ADAPTERS words of masters [(A_l, B_l)]: A_0, B_0, A_1, ... row-major, int32 as
-    unsigned 32-bit words."""
-    return [int(v) & _MASK for a, b in masters for m in (a, b) for v in np.ravel(m)]
+def master_words(masters, cfg):
+    """ADAPTERS words from offset 0 of masters [(A_l, B_l)], int32 as unsigned 32-bit
+    words, at their `adapter_addresses` (padding zero)."""
+    sizes, rank, classes = _adapter_shape(masters)
+    words = np.zeros(adapter_span(sizes, rank, cfg), np.int64)
+    flat = [np.ravel(m) for a, b in masters for m in (a, b)]
+    words[adapter_addresses(sizes, rank, classes, cfg)] = np.concatenate(flat) if flat else []
+    return [int(v) & _MASK for v in words]
 
 
-def adapter_count(model, rank):
-    """Adapter master weights of all layers (ADAPTERS words)."""
-    return sum(model.adapter_inputs) * rank + len(model.layers) * rank * model.classes
+def _adapter_shape(masters):
+    if not masters:
+        return [], 1, 0
+    return [a.shape[0] for a, _ in masters], masters[0][0].shape[1], masters[0][1].shape[1]
+
+
+def adapter_count(model, rank, cfg):
+    """ADAPTERS words the adapters of ``model`` at rank ``rank`` take from offset 0
+    (weights and the layout's padding)."""
+    return adapter_span(model.adapter_inputs, rank, cfg)
 
 
 def read_masters(words, model, rank, cfg):
     """[(A_l, B_l)] int64 arrays from the ADAPTERS words (from offset 0)."""
-    need = adapter_count(model, rank)
+    need = adapter_count(model, rank, cfg)
     if len(words) < need:
         raise ValueError(f"{len(words)} adapter words; rank {rank} needs {need}")
-    flat = np.asarray([int(w) & _MASK for w in words[:need]], np.uint32).view(np.int32).astype(np.int64)
+    raw = np.asarray([int(w) & _MASK for w in words[:need]], np.uint32).view(np.int32).astype(np.int64)
+    flat = raw[adapter_addresses(model.adapter_inputs, rank, model.classes, cfg)]
     out, off = [], 0
     for d in model.adapter_inputs:
         a = flat[off:off + d * rank].reshape(d, rank)
@@ -355,7 +368,7 @@ def finetune_images(model, x, y, schedule, cfg):
     images = sample_images(model, x, y, cfg, order)
     images.update(frozen_images(model, cfg))
     masters = init_adapters(model, schedule.rank, schedule.seed, cfg)
-    images[Region.ADAPTERS] = [(0, master_words(masters))]
+    images[Region.ADAPTERS] = [(0, master_words(masters, cfg))]
     return images
 
 

@@ -12,11 +12,13 @@ last. While a program runs, only the REGS region is served: other reads return 0
 writes are dropped, and both set the status bit ``refused``.
 """
 
+import numpy as np
 from amaranth.lib import enum
 from amaranth.utils import ceil_log2
 
 __all__ = ["Region", "Regs", "Status", "Control", "ID_MAGIC", "OFFSET_BITS", "PORT_ADDR_BITS",
-           "word_bits", "chunk_bits", "region_words", "address", "WRITABLE"]
+           "word_bits", "chunk_bits", "region_words", "address", "WRITABLE", "adapter_bases",
+           "adapter_span", "adapter_addresses"]
 
 OFFSET_BITS = 24
 PORT_ADDR_BITS = 28
@@ -30,7 +32,7 @@ class Region(enum.Enum, shape=4):
     LABELS = 3      # max_samples labels, one per word
     WEIGHTS = 4     # write only: weight_words / C words of C int8 lanes (reads give 0)
     BIASES = 5      # write only: bias_words / C words of C int32 lanes (reads give 0)
-    ADAPTERS = 6    # adapter_words int32 master weights: A_0, B_0, A_1, ... row-major
+    ADAPTERS = 6    # adapter_words int32 master weights, laid out by `adapter_bases`
     RESULTS = 7     # read only: per inferred sample, prediction | correct << 8
     ACT = 8         # activation buffer, act_words words of C int8 lanes
     LOGITS = 9      # read only: the last layer's int16 logits, C lanes per word
@@ -110,3 +112,51 @@ def address(region, word, cfg, chunk=0):
     """The port address of chunk ``chunk`` of ``word`` in ``region``."""
     region = Region(region)
     return (region.value << OFFSET_BITS) | (word << chunk_bits(region, cfg)) | chunk
+
+
+# The ADAPTERS region. The LoRA engine keeps word ``a`` in bank ``a mod P`` (P =
+# ``cfg.adapter_lanes``) and reads one row of an A_l or B_l per cycle, lane j from bank j.
+# So that no row needs rotating onto the lanes, none may cross a multiple of P: every
+# tensor starts at a multiple of P, a row of A_l takes R words (R = the rank rounded up to
+# a power of two, which divides P) and a row of B_l takes P words. The words between are
+# padding: the engine never reads them into a sum and never writes them.
+
+
+def _row_stride(rank):
+    return 1 << (rank - 1).bit_length()
+
+
+def adapter_bases(sizes, rank, cfg):
+    """``([(a_l, b_l)], end)``: where ``A_l`` and ``B_l`` start for adapters of inputs
+    ``sizes`` (the d_l) at rank ``rank``, and the word after the last. ``A_l[i, k]`` is at
+    ``a_l + i R + k`` and ``B_l[k, c]`` at ``b_l + k P + c``; ``a_0 = 0``,
+    ``b_l = a_l + d_l R`` rounded up to a multiple of P, ``a_{l+1} = b_l + r P``."""
+    P, R = cfg.adapter_lanes, _row_stride(rank)
+    if rank < 1 or R > P:
+        raise ValueError(f"rank {rank} does not fit {P} adapter lanes")
+    bases, a = [], 0
+    for d in sizes:
+        b = -(-(a + d * R) // P) * P
+        bases.append((a, b))
+        a = b + rank * P
+    return bases, a
+
+
+def adapter_span(sizes, rank, cfg):
+    """ADAPTERS words from offset 0 that adapters of inputs ``sizes`` take, padding
+    included: what the host reads back and what must fit ``adapter_words``."""
+    return adapter_bases(sizes, rank, cfg)[1]
+
+
+def adapter_addresses(sizes, rank, classes, cfg):
+    """The ADAPTERS offset of every weight in the order ``A_0, B_0, A_1, B_1, ...`` (each
+    row-major): ``words[adapter_addresses(...)]`` gathers the weights, and assigning to it
+    scatters them."""
+    P, R = cfg.adapter_lanes, _row_stride(rank)
+    if classes > P:
+        raise ValueError(f"{classes} classes do not fit {P} adapter lanes")
+    out = []
+    for d, (a, b) in zip(sizes, adapter_bases(sizes, rank, cfg)[0]):
+        out.append((a + np.arange(d)[:, None] * R + np.arange(rank)).ravel())
+        out.append((b + np.arange(rank)[:, None] * P + np.arange(classes)).ravel())
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)

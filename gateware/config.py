@@ -82,6 +82,15 @@ class AccelConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
 
+    @property
+    def adapter_lanes(self):
+        """Lanes of the LoRA engine's adapter datapath, and banks of its memories:
+        ``max(max_rank, max_classes)`` rounded up to a power of two, so that one row of any
+        ``A_l`` or ``B_l`` is read in one cycle (the ADAPTERS layout,
+        `firmware.memmap.adapter_bases`, is built on it)."""
+        need = max(self.max_rank, self.max_classes, 1)
+        return 1 << (need - 1).bit_length()
+
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 

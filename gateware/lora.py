@@ -8,7 +8,7 @@ the fine-tuning step of Skip2-LoRA, with the shift-Adam moments of every adapter
 Nothing here is imported from ``sim/``.
 """
 
-from amaranth import Module, Mux, Signal, signed, unsigned
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -16,7 +16,7 @@ from amaranth.utils import ceil_log2
 
 from firmware.isa import FSHIFT_BITS, lora_setup_layout
 
-from .adapter import AdapterDatapath, master_port
+from .adapter import AdapterDatapath, master_port, row_mask
 from .config import DEFAULT, AccelConfig
 from .layouts import class_bits, sample_layout
 from .loss import LossUnit
@@ -54,9 +54,10 @@ class LoraEngine(wiring.Component):
     update : In(1)
         Strobe, after the last sample of a batch has been sent: once the last sample's
         gradients are accumulated, every weight in the order ``A_0, B_0, A_1, B_1, ...``
-        (each row-major) is read with its moments ``M``, ``V`` and its accumulator,
-        updated, and written back; each accumulator is cleared as it is read, so the next
-        batch starts from zero.
+        (each row-major; the walk steps over the ADAPTERS layout's padding,
+        `firmware.memmap.adapter_bases`) is read with its moments ``M``, ``V`` and its
+        accumulator, updated, and written back; each accumulator is cleared as it is
+        read, so the next batch starts from zero.
     reset_moments : In(1)
         Strobe: zero ``M`` and ``V`` of every weight (``adapter_words`` cycles, ``busy``
         high). Pulse it once per fine-tune, with the masters loaded and the accumulators
@@ -95,15 +96,15 @@ class LoraEngine(wiring.Component):
     (``fwd_cycles`` per sample, from the cycle that accepts its first beat to the first
     cycle with the adapter idle):
 
-        (n + max(C, r + 8) + L r + C + 9)        adapter forward, to the last z
-      + (C + 28)                                 loss unit, last z to first g
-      + (C + 2 L r + n + 7)                      gradient accumulation
-      = 2 n + max(C, r + 8) + 3 L r + 3 C + 44
+        (n + max(C, r + 8 + log2 P) + L r + C + 9)   adapter forward, to the last z
+      + (C + 28)                                      loss unit, last z to first g
+      + (C + 2 L r + n + 7)                           gradient accumulation
+      = 2 n + max(C, r + 8 + log2 P) + 3 L r + 3 C + 44
 
-    The update of ``N = sum_l (d_l r + r C)`` weights issues one weight per cycle: master,
-    accumulator, ``M`` and ``V`` read (and the accumulator cleared) in cycle ``t``, the
-    beat in `UpdateUnit` at ``t + 1``, the result written back ``LATENCY`` cycles later;
-    ``N + LATENCY + 1`` cycles (``upd_cycles``). It starts one cycle after the ``update``
+    The update of ``N = sum_l (d_l r + r C)`` weights issues one weight per cycle (a jump
+    over padding costs nothing): master, accumulator, ``M`` and ``V`` read (and the
+    accumulator cleared) in cycle ``t``, the beat in `UpdateUnit` at ``t + 1``, the result
+    written back at the same address ``LATENCY`` cycles later; ``N + LATENCY + 1`` cycles (``upd_cycles``). It starts one cycle after the ``update``
     strobe, or after the last sample's gradients if they are still in flight. The update
     unit's output is never stalled, so it needs no buffer.
 
@@ -202,7 +203,6 @@ class LoraEngine(wiring.Component):
         row = Signal(range(max(cfg.max_adapter_in, cfg.max_rank) + 1))
         col = Signal(range(max(cfg.max_rank, cfg.max_classes) + 1))
         rptr = Signal(self._aw)
-        wptr = Signal(self._aw)
         layer = setup.layers[l]
         fs = self.setup.fshift[l]
         rows_n = Mux(isb, rank, layer.size)
@@ -228,6 +228,21 @@ class LoraEngine(wiring.Component):
         uo = upd.o_stream
         m.d.comb += [uo.ready.eq(1), mr.addr.eq(rptr), vr.addr.eq(rptr)]
 
+        # the ADAPTERS layout (firmware.memmap.adapter_bases): after a row of B_l or the
+        # last row of A_l, the next multiple of P; after any other row of A_l, the next
+        # multiple of R
+        P, LP = cfg.adapter_lanes, ceil_log2(cfg.adapter_lanes)
+        rmask = Signal(max(1, LP))
+        m.d.sync += rmask.eq(row_mask(rank, max(1, LP)))
+        up = rptr + P
+        next_line = Cat(Const(0, LP), up[LP:]) if LP else rptr + 1
+        step = rptr + rmask + 1
+        next_row = Cat(step[:LP] & ~rmask, step[LP:]) if LP else rptr + 1
+        # each result is written where its weight was read, LATENCY + 1 cycles earlier
+        wq = [Signal(self._aw, name=f"wq{i}") for i in range(LATENCY + 1)]
+        m.d.sync += [wq[0].eq(rptr)] + [wq[i].eq(wq[i - 1]) for i in range(1, LATENCY + 1)]
+        wptr = wq[-1]
+
         upd_pending = Signal()
         reset_pending = Signal()
         sweep = Signal(self._aw + 1)
@@ -240,8 +255,7 @@ class LoraEngine(wiring.Component):
                     m.d.sync += sweep.eq(0)
                     m.next = "MRESET"
                 with m.Elif(upd_pending & ~ad.busy):
-                    m.d.sync += [l.eq(0), isb.eq(0), row.eq(0), col.eq(0), rptr.eq(0),
-                                 wptr.eq(0)]
+                    m.d.sync += [l.eq(0), isb.eq(0), row.eq(0), col.eq(0), rptr.eq(0)]
                     with m.If(n_layers == 0):
                         m.d.sync += upd_pending.eq(0)
                     with m.Else():
@@ -252,7 +266,12 @@ class LoraEngine(wiring.Component):
                     m.d.sync += reset_pending.eq(0)
                     m.next = "IDLE"
             with m.State("READ"):
-                m.d.sync += rptr.eq(rptr + 1)
+                with m.If(~col_end):
+                    m.d.sync += rptr.eq(rptr + 1)
+                with m.Elif(isb | row_end):
+                    m.d.sync += rptr.eq(next_line)
+                with m.Else():
+                    m.d.sync += rptr.eq(next_row)
                 with m.If(col_end):
                     m.d.sync += col.eq(0)
                     with m.If(row_end):
@@ -283,8 +302,6 @@ class LoraEngine(wiring.Component):
             vw.addr.eq(Mux(resetting, sweep, wptr)), vw.data.eq(Mux(resetting, 0, uo.payload.v)),
             mw.en.eq(resetting | uo.valid), vw.en.eq(resetting | uo.valid),
         ]
-        with m.If(uo.valid):
-            m.d.sync += wptr.eq(wptr + 1)
 
         # --- the adapter's memory port: the update's, or passed through ----------------
         with m.If(updating):

@@ -27,7 +27,6 @@ import time
 import numpy as np
 
 from firmware.compiler import compile_finetune
-from gateware.adapter import lanes as adapter_lanes
 from gateware.config import BOARDS, board_config
 from sim.finetune import (Schedule, ScheduleError, adapter_macs, batch_order, evaluate_float, evaluate_fixed,
                           finetune_float, float_init_adapters, float_optimizer)
@@ -438,7 +437,7 @@ def run_bench(args):
     cfg = board_config(args.board)
     report_path = args.report or os.path.join("build", args.board, "report.json")
     clock = bitstream_clock(cfg, report_path)
-    lanes = adapter_lanes(cfg)
+    lanes = cfg.adapter_lanes
     show = not args.quiet and args.json != "-"
     schedule = Schedule(epochs=epochs)
     record = {

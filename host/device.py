@@ -392,8 +392,9 @@ class Device:
         self.write_images(images)
         self._frozen = digest
         st = self.run(program, progress)
-        masters = read_masters(self.read_words(_region(Region.ADAPTERS), adapter_count(model, schedule.rank)),
-                               model, schedule.rank, self.cfg)
+        span = adapter_count(model, schedule.rank, self.cfg)
+        masters = read_masters(self.read_words(_region(Region.ADAPTERS), span), model,
+                               schedule.rank, self.cfg)
         regs = self.registers()
         hits, misses = regs[Regs.CACHE_HITS], regs[Regs.CACHE_MISSES]
         frozen = n * schedule.epochs - hits
@@ -417,7 +418,10 @@ class Device:
         """Accuracy of the frozen network plus ``masters`` (None: zero adapters, the base
         model), over chunks of samples that the device holds."""
         rank = Schedule.rank if masters is None else int(masters[0][0].shape[1])
-        words = master_words(masters) if masters is not None else [0] * adapter_count(model, rank)
+        if masters is not None:
+            words = master_words(masters, self.cfg)
+        else:
+            words = [0] * adapter_count(model, rank, self.cfg)
         images = {Region.ADAPTERS: [(0, words)]}
         digest = self._load_frozen(model, images)
         d0 = model.adapter_inputs[0]

@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from firmware.memmap import adapter_span
+
 from .cache import ActivationCache
 from .fixed import Lfsr, quantize_float
 from .fixed_model import (quantize_input, frozen_forward, cache_format, adapter_forward,
@@ -62,9 +64,10 @@ def check_limits(model, schedule, cfg):
         problems.append(f"{len(model.layers)} layers > {cfg.max_layers}")
     if max(model.adapter_inputs) > cfg.max_adapter_in:
         problems.append(f"adapter input {max(model.adapter_inputs)} > {cfg.max_adapter_in}")
-    words = sum(model.adapter_inputs) * schedule.rank + len(model.layers) * schedule.rank * model.classes
-    if words > cfg.adapter_words:
-        problems.append(f"{words} adapter weights > {cfg.adapter_words}")
+    if schedule.rank <= cfg.max_rank:
+        words = adapter_span(model.adapter_inputs, schedule.rank, cfg)
+        if words > cfg.adapter_words:
+            problems.append(f"{words} adapter words (weights and padding) > {cfg.adapter_words}")
     if schedule.cache and sum(model.adapter_inputs) > cfg.cache_act_words:
         problems.append(f"{sum(model.adapter_inputs)} cached activations per sample > {cfg.cache_act_words}")
     if not 2.0 ** -14 <= schedule.lr <= 16:

@@ -14,7 +14,8 @@ from firmware.compiler import (adapter_count, compile_finetune, compile_infer, f
                                plan_activations, read_masters)
 from firmware.isa import Error, Opcode, Phase, Reg, decode, encode
 from firmware.layers import LayoutError, pack_biases, pack_weights
-from firmware.memmap import ID_MAGIC, Control, Region, Regs, Status, address
+from firmware.memmap import (ID_MAGIC, Control, Region, Regs, Status, adapter_addresses,
+                             adapter_bases, adapter_span, address)
 from gateware.config import DEFAULT as CFG
 from sim.finetune import (ScheduleError, Schedule, adapters_sha256, batch_order, finetune_fixed,
                           init_adapters)
@@ -43,7 +44,7 @@ def finetune(model, x, y, schedule, cfg=CFG):
     load(machine, program, finetune_images(model, x, y, schedule, cfg))
     machine.write(address(Region.REGS, Regs.CONTROL, cfg), Control.START | program.entry << 16)
     assert reg(machine, Regs.STATUS) & 0xFF == Status.DONE, hex(reg(machine, Regs.STATUS))
-    words = read_words(machine, Region.ADAPTERS, adapter_count(model, schedule.rank))
+    words = read_words(machine, Region.ADAPTERS, adapter_count(model, schedule.rank, cfg))
     return machine, program, read_masters(words, model, schedule.rank, cfg)
 
 
@@ -127,7 +128,7 @@ def test_infer_matches_golden(digits):
     assert reg(machine, Regs.UPDATES) == 0
     assert machine.phase is Phase.NONE
     # the adapters stayed where the fine-tune left them
-    words = read_words(machine, Region.ADAPTERS, adapter_count(model, 4))
+    words = read_words(machine, Region.ADAPTERS, adapter_count(model, 4, CFG))
     assert adapters_sha256(read_masters(words, model, 4, CFG)) == adapters_sha256(masters)
 
 
@@ -230,7 +231,7 @@ def test_images(digits):
     order = np.concatenate(batch_order(n, s.batch, s.seed))
     assert images[Region.LABELS][0][1] == list(t.y[order])
     masters = init_adapters(model, 3, 7, CFG)
-    assert images[Region.ADAPTERS][0][1] == master_words(masters)
+    assert images[Region.ADAPTERS][0][1] == master_words(masters, CFG)
     back = read_masters(images[Region.ADAPTERS][0][1], model, 3, CFG)
     assert adapters_sha256(back) == adapters_sha256(masters)
     # 12 lanes: 96-bit weights (3 chunks of 4 offsets), 384-bit biases (12 of 16)
@@ -247,6 +248,43 @@ def test_images(digits):
     assert_array_equal(machine.weights[:len(weights)], weights)
     assert_array_equal(machine.biases[:len(biases)], biases)
     assert [machine.read(address(Region.WEIGHTS, 5, cfg, chunk=k)) for k in range(4)] == runs[5][1] + [0]
+
+
+@pytest.mark.parametrize("lanes", [4, 16])
+@pytest.mark.parametrize("rank", [1, 3, 4])
+def test_adapter_layout(lanes, rank):
+    """Every weight has its own word below the span; every tensor starts at a multiple of
+    the lane count P, and no row of an A_l or B_l crosses one (the LoRA engine reads each
+    row onto its lanes without rotating it)."""
+    cfg = CFG.replace(max_rank=lanes, max_classes=lanes)
+    sizes, classes = [5, 64, 7], min(lanes, 10)
+    P = cfg.adapter_lanes
+    addr = adapter_addresses(sizes, rank, classes, cfg)
+    span = adapter_span(sizes, rank, cfg)
+    assert len(set(addr.tolist())) == len(addr) == sum(d * rank + rank * classes for d in sizes)
+    assert addr.max() < span
+    bases, _ = adapter_bases(sizes, rank, cfg)
+    off = 0
+    for d, (a, b) in zip(sizes, bases):
+        assert a % P == 0 and b % P == 0
+        rows = addr[off:off + d * rank].reshape(d, rank)
+        off += d * rank
+        rows_b = addr[off:off + rank * classes].reshape(rank, classes)
+        off += rank * classes
+        for row in (*rows, *rows_b):
+            assert (row // P == row[0] // P).all() and (np.diff(row) == 1).all()
+        assert rows[0][0] == a and rows_b[0][0] == b
+
+
+def test_adapter_layout_limits(digits):
+    """The digits adapters at rank 4 take 1,408 words with padding (docs/isa.md); a rank
+    or a class count beyond the lanes is refused."""
+    model = digits[1]
+    assert adapter_span(model.adapter_inputs, 4, CFG) == 1408
+    with pytest.raises(ValueError, match="rank 17"):
+        adapter_span([8], 17, CFG)
+    with pytest.raises(ValueError, match="17 classes"):
+        adapter_addresses([8], 4, 17, CFG)
 
 
 def test_port():

@@ -19,7 +19,7 @@ from gateware.layouts import loss_in_layout, loss_out_layout, sample_layout
 from sim import fixed_model
 from sim.finetune import adapter_macs, batch_order, init_adapters, lfsr_seed
 from sim.fixed import Lfsr
-from tests.gateware.test_adapter import flat_masters, split_flat
+from tests.gateware.test_adapter import flat_masters, padding, split_flat
 from tests.gateware.streams import CycleCounter, StreamSink, StreamSource, config_from_env, env_int, pack, start
 
 CFG = config_from_env()
@@ -51,7 +51,7 @@ class Adapter:
 
     async def write_masters(self, masters):
         """One word per cycle through the port (call at a falling edge)."""
-        for a, w in enumerate(flat_masters(masters)):
+        for a, w in enumerate(flat_masters(masters, CFG)):
             self.dut.mem_addr.value = a
             self.dut.mem_wdata.value = w & 0xFFFFFFFF
             self.dut.mem_we.value = 1
@@ -118,10 +118,12 @@ async def run_batch(dut, model, masters, xs, base, y, idle=0.3, stall=0.3, seed=
     await ad.idle()
     g = fixed_model.loss_grad(want_z, y, CFG)
     want = fixed_model.adapter_grads(model, xs, hs, g, masters, CFG)
-    count = len(flat_masters(masters))
-    ms, gs = await ad.read(count)
-    assert ms == flat_masters(masters), "masters changed"
-    got = split_flat(gs, ad.sizes, ad.rank, ad.classes)
+    words = flat_masters(masters, CFG)
+    ms, gs = await ad.read(len(words))
+    assert ms == words, "masters changed"
+    assert not any(gs[a] for a in padding(ad.sizes, ad.rank, ad.classes, CFG)), "padding written"
+    got = split_flat(gs, ad.sizes, ad.rank, ad.classes, CFG)
+    count = sum(a.size + b.size for a, b in masters)
     for l, ((da, db), (ra, rb)) in enumerate(zip(want, got)):
         assert np.array_equal(ra, da), f"dA_{l}: {np.argwhere(ra != da)[:5].tolist()} differ"
         assert np.array_equal(rb, db), f"dB_{l}: {np.argwhere(rb != db)[:5].tolist()} differ"
@@ -240,5 +242,5 @@ async def digits_full_rate(dut):
     dut._log.info(f"digits rank {RANK}: forward {cycles[0][0]} cycles for {fwd} MACs, "
                   f"gradient {cycles[0][1]} cycles for {grad} MACs")
     assert cycles[0] == cycles[1] == cycles[2]
-    assert cycles[0][0] == n_act + max(C, RANK + 8) + L * RANK + C + 9
+    assert cycles[0][0] == n_act + max(C, RANK + 8 + CFG.adapter_lanes.bit_length() - 1) + L * RANK + C + 9
     assert cycles[0][1] == C + 2 * L * RANK + n_act + 7

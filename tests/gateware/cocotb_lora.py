@@ -93,7 +93,8 @@ async def digits_finetune(dut):
     model, masters, batches, n_train = digits_run(sched, N_BATCHES, BATCH)
     want = ref_lora(model, batches, masters, sched.lr, sched.seed, CFG)
     sizes, classes = list(model.adapter_inputs), model.classes
-    flat = flat_masters(masters)
+    flat = flat_masters(masters, CFG)
+    n_w = sum(a.size + b.size for a, b in masters)
     mant, exp = fixed_model.lr_mantissa(sched.lr, CFG)
 
     for name in ("update", "reset_moments", "clear_grads", "clear_counters", "seed_load",
@@ -140,7 +141,7 @@ async def digits_finetune(dut):
         assert not any(gs), f"batch {k}: accumulators not cleared"
         assert int(dut.lfsr.value) == w_lfsr, f"batch {k}: LFSR"
         assert ms != flat
-        assert fwd == len(y) * sample_cycles(sum(sizes), len(sizes), sched.rank, classes)
+        assert fwd == len(y) * sample_cycles(sum(sizes), len(sizes), sched.rank, classes, CFG.adapter_lanes)
         per_sample.append(fwd / len(y))
         upd_cycles.append(upd)
         dut._log.info(f"batch {k}: {len(y)} samples, {n_c} correct; masters bit-exact; "
@@ -152,6 +153,6 @@ async def digits_finetune(dut):
     epoch = n_train * fs + math.ceil(n_train / sched.batch) * upd_cycles[-1]
     dut._log.info(f"digits rank {sched.rank}: {fs:.1f} cycles/sample forward+gradient for "
                   f"{fwd_macs} + {grad_macs} MACs ({(fwd_macs + grad_macs) / fs:.2f} MAC/cycle); "
-                  f"update {upd_cycles[-1]} cycles for {len(flat)} weights; one cached epoch of "
+                  f"update {upd_cycles[-1]} cycles for {n_w} weights; one cached epoch of "
                   f"{n_train} samples: {epoch / n_train:.1f} cycles/sample")
-    assert all(u == len(flat) + 16 for u in upd_cycles)
+    assert all(u == n_w + 16 for u in upd_cycles)

@@ -12,8 +12,8 @@ import cocotb
 import numpy as np
 from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge, Timer
 
-from firmware.compiler import (compile_finetune, compile_infer, finetune_images, image_writes,
-                               infer_images, read_masters)
+from firmware.compiler import (adapter_count, compile_finetune, compile_infer, finetune_images,
+                               image_writes, infer_images, read_masters)
 from firmware.isa import Error
 from firmware.memmap import Control, Region, Regs, Status, address
 from sim import fixed_model
@@ -156,7 +156,7 @@ async def digits_finetune_and_infer(dut):
         assert status & Status.DONE and not status & Status.ERROR, f"status {status:#x}"
         if not sched.cache:
             await check_last_forward(port, model, program, x[finetune_order(len(y), sched)[-1]])
-        n_words = sum(d * sched.rank + sched.rank * model.classes for d in model.adapter_inputs)
+        n_words = adapter_count(model, sched.rank, CFG)
         words = await port.read([address(Region.ADAPTERS, i, CFG) for i in range(n_words)])
         got = read_masters(words, model, sched.rank, CFG)
         ref = finetune_fixed(model, x, y, sched, CFG)

@@ -11,7 +11,8 @@ import pytest
 from amaranth.sim import Simulator
 from numpy.testing import assert_array_equal
 
-from gateware.adapter import AdapterDatapath, grad_bits, lanes
+from firmware.memmap import adapter_addresses, adapter_span
+from gateware.adapter import AdapterDatapath, grad_bits
 from gateware.config import DEFAULT, AccelConfig
 from sim import fixed_model
 from sim.rtl import missing_reason
@@ -21,12 +22,30 @@ TINY = AccelConfig(max_rank=4, max_classes=4, max_layers=3, max_adapter_in=16, m
                    adapter_words=128)
 
 
-def flat_masters(masters):
-    """[(A_l, B_l)] -> one list in the packed order A_0, B_0, A_1, ... (row-major)."""
-    return [int(v) for a, b in masters for t in (a, b) for v in np.asarray(t).ravel()]
+# What the tests load into the layout's padding words: the datapath must never read one
+# into a sum (an all-zero padding would hide that).
+PAD = -0x5A5A5A5B
 
 
-def split_flat(flat, sizes, rank, classes):
+def flat_masters(masters, cfg, pad=PAD):
+    """[(A_l, B_l)] -> the ADAPTERS words from offset 0 (`firmware.memmap.adapter_bases`),
+    the padding words ``pad``."""
+    sizes, rank, classes = [a.shape[0] for a, _ in masters], masters[0][0].shape[1], masters[0][1].shape[1]
+    words = np.full(adapter_span(sizes, rank, cfg), pad, np.int64)
+    words[adapter_addresses(sizes, rank, classes, cfg)] = np.concatenate(
+        [np.ravel(t) for a, b in masters for t in (a, b)])
+    return [int(v) for v in words]
+
+
+def padding(sizes, rank, classes, cfg):
+    """The offsets of the padding words below the span."""
+    return sorted(set(range(adapter_span(sizes, rank, cfg)))
+                  - set(adapter_addresses(sizes, rank, classes, cfg).tolist()))
+
+
+def split_flat(words, sizes, rank, classes, cfg):
+    """[(A_l, B_l)] from the ADAPTERS words from offset 0."""
+    flat = np.asarray(words, np.int64)[adapter_addresses(sizes, rank, classes, cfg)]
     out, pos = [], 0
     for d in sizes:
         a = np.array(flat[pos:pos + d * rank], np.int64).reshape(d, rank)
@@ -61,7 +80,7 @@ def rtl_adapter(s_x, xs, base, y, masters, cfg, idle=0.0, stall=0.0, seed=0):
     dut = AdapterDatapath(cfg)
     sizes = [x.shape[1] for x in xs]
     rank, classes = masters[0][0].shape[1], base.shape[1]
-    flat = flat_masters(masters)
+    flat = flat_masters(masters, cfg)
     rng = random.Random(seed)
     zs, cycles = [], []
     grads_flat = []
@@ -152,7 +171,9 @@ def rtl_adapter(s_x, xs, base, y, masters, cfg, idle=0.0, stall=0.0, seed=0):
     sim.add_clock(1e-8)
     sim.add_testbench(bench)
     sim.run()
-    return np.array(zs, np.int64), split_flat(grads_flat, sizes, rank, classes), cycles
+    pads = padding(sizes, rank, classes, cfg)
+    assert pads and all(grads_flat[a] == 0 for a in pads), "a padding word's accumulator written"
+    return np.array(zs, np.int64), split_flat(grads_flat, sizes, rank, classes, cfg), cycles
 
 
 def tiny_case(seed, extreme=False):
@@ -186,9 +207,9 @@ def assert_same(ref, rtl):
 def test_widths():
     """The documented widths: 16 lanes, 40-bit accumulators (docs/numerics.md section 8
     proves 39 bits for the golden g range; the port accepts any int16 g)."""
-    assert lanes(DEFAULT) == 16
+    assert DEFAULT.adapter_lanes == 16
     assert grad_bits(DEFAULT) == 40
-    assert lanes(TINY) == 4
+    assert TINY.adapter_lanes == 4
 
 
 @pytest.mark.parametrize("extreme", [False, True], ids=["random", "extreme"])
@@ -199,14 +220,15 @@ def test_adapter_amaranth(extreme):
 
 
 def test_adapter_cycles():
-    """At full rate: forward n + max(C, r + 8) + L r + C + 9 cycles, gradient
+    """At full rate: forward n + max(C, r + 8 + log2 P) + L r + C + 9 cycles, gradient
     C + 2 L r + n + 7 (the AdapterDatapath docstring)."""
     s_x, xs, base, y, masters = tiny_case(7)
     z, grads, cycles = rtl_adapter(s_x, xs, base, y, masters, TINY)
     assert_same(ref_adapter(s_x, xs, base, y, masters, TINY), (z, grads))
     n, C, L, r = sum(x.shape[1] for x in xs), base.shape[1], len(xs), masters[0][0].shape[1]
     print("cycles per sample (forward, gradient):", cycles[0])
-    assert cycles == [(n + max(C, r + 8) + L * r + C + 9, C + 2 * L * r + n + 7)] * len(cycles)
+    lp = TINY.adapter_lanes.bit_length() - 1
+    assert cycles == [(n + max(C, r + 8 + lp) + L * r + C + 9, C + 2 * L * r + n + 7)] * len(cycles)
 
 
 @pytest.mark.parametrize("sim", SIMULATORS)

@@ -47,7 +47,7 @@ def ref_lora(model, batches, masters, lr, seed, cfg):
         g = fixed_model.loss_grad(z, y, cfg)
         grads = fixed_model.adapter_grads(model, xs, hs, g, masters, cfg)
         masters, moments = fixed_model.update(model, masters, moments, grads, lr, lfsr, cfg)
-        out.append((flat_masters(masters), fixed_model.argmax(z).tolist(), lfsr.state))
+        out.append((flat_masters(masters, cfg), fixed_model.argmax(z).tolist(), lfsr.state))
     return out
 
 
@@ -68,7 +68,7 @@ def rtl_lora(s_x, batches, masters, lr, seed, cfg, idle=0.0, rng_seed=0, overlap
     dut = LoraEngine(cfg)
     sizes = [x.shape[1] for x in batches[0][0]]
     rank, classes = masters[0][0].shape[1], batches[0][1].shape[1]
-    flat = flat_masters(masters)
+    flat = flat_masters(masters, cfg)
     mant, exp = fixed_model.lr_mantissa(lr, cfg)
     rng = random.Random(rng_seed)
     out = []
@@ -140,9 +140,9 @@ def tiny_batches(seed, n_batches=3, batch=2):
     return s_x, batches, masters
 
 
-def sample_cycles(n, L, r, C):
+def sample_cycles(n, L, r, C, P):
     """forward+gradient cycles of one sample at full rate (the LoraEngine docstring)."""
-    return 2 * n + max(C, r + 8) + 3 * L * r + 3 * C + 44
+    return 2 * n + max(C, r + 8 + P.bit_length() - 1) + 3 * L * r + 3 * C + 44
 
 
 @pytest.mark.parametrize("idle", [0.0, 0.3], ids=["full-rate", "bubbles"])
@@ -154,7 +154,7 @@ def test_lora_amaranth(idle):
     lr, seed = 0.01, 0
     want = ref_lora(SimpleNamespace(s_x=s_x), batches, masters, lr, seed, TINY)
     got = rtl_lora(s_x, batches, masters, lr, seed, TINY, idle=idle, rng_seed=4)
-    n_w = len(flat_masters(masters))
+    n_w = sum(a.size + b.size for a, b in masters)
     for k, ((w_m, w_pred, w_lfsr), (g_m, g_corr, fwd, upd, g_lfsr)) in enumerate(zip(want, got)):
         assert_array_equal(g_m, w_m, err_msg=f"masters after update {k}")
         assert g_corr == int((np.array(w_pred) == batches[k][2]).sum())
@@ -163,9 +163,10 @@ def test_lora_amaranth(idle):
         if not idle:
             xs, base, y = batches[k]
             assert fwd == len(y) * sample_cycles(sum(x.shape[1] for x in xs), len(xs),
-                                                 masters[0][0].shape[1], base.shape[1])
+                                                 masters[0][0].shape[1], base.shape[1],
+                                                 TINY.adapter_lanes)
         print(f"batch {k}: forward+gradient {fwd} cycles, update {upd} cycles")
-    assert got[-1][0] != flat_masters(masters)
+    assert got[-1][0] != flat_masters(masters, TINY)
 
 
 def test_lora_overlap():
@@ -177,7 +178,7 @@ def test_lora_overlap():
     assert len(got) == 1
     assert_array_equal(got[0][0], want[-1][0])
     assert got[0][1] == sum(int((np.array(w[1]) == b[2]).sum()) for w, b in zip(want, batches))
-    assert got[0][3] == 3 * (len(want[0][0]) + LATENCY + 1)
+    assert got[0][3] == 3 * (sum(a.size + b.size for a, b in masters) + LATENCY + 1)
     assert got[0][4] == want[-1][2]
 
 
