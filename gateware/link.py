@@ -87,7 +87,8 @@ class LinkController(wiring.Component):
     ``seq``. The first byte of a response is offered 3 cycles after the request's last
     byte arrives (a WRITE of n words: n + 4; a request arriving while the previous
     response goes out waits for its end); a READ word takes 1 cycle plus the port's
-    read latency between its predecessor's last byte and its first. Addresses are taken modulo 2**PORT_ADDR_BITS.
+    read latency between its predecessor's last byte and its first. Addresses are taken
+    modulo 2**PORT_ADDR_BITS.
     """
 
     def __init__(self, cfg=DEFAULT, timeout=None):

@@ -104,9 +104,10 @@ class LoraEngine(wiring.Component):
     The update of ``N = sum_l (d_l r + r C)`` weights issues one weight per cycle (a jump
     over padding costs nothing): master, accumulator, ``M`` and ``V`` read (and the
     accumulator cleared) in cycle ``t``, the beat in `UpdateUnit` at ``t + 1``, the result
-    written back at the same address ``LATENCY`` cycles later; ``N + LATENCY + 1`` cycles (``upd_cycles``). It starts one cycle after the ``update``
-    strobe, or after the last sample's gradients if they are still in flight. The update
-    unit's output is never stalled, so it needs no buffer.
+    written back at the same address ``LATENCY`` cycles later; ``N + LATENCY + 1`` cycles
+    (``upd_cycles``). It starts one cycle after the ``update`` strobe, or after the last
+    sample's gradients if they are still in flight. The update unit's output is never
+    stalled, so it needs no buffer.
 
     Measured (tests/gateware/cocotb_lora.py, digits, rank 4: n = 288, L = 4, C = 10):
     710 cycles per sample for 1312 + 1472 MACs (3.9 MACs per cycle), 1328 cycles per
