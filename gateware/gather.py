@@ -49,26 +49,28 @@ class _RegionWalk:
         self.addr = Signal(ADDR_BITS)
         self.group = Signal(shapes["groups"])
         self.left = Signal(shapes["pixels"])
+        # the current word is its pixel's last: registered, so that the lanes of a word
+        # (which MOVE's merge depends on) come from a flip-flop and a multiplexer
+        self.last = Signal()
 
-    def last_group(self, entry):
-        return self.group + 1 == entry.groups
-
-    def last_word(self, entry):
-        return self.last_group(entry) & (self.left == 1)
+    def last_word(self):
+        return self.last & (self.left == 1)
 
     def lanes(self, entry):
         """Valid lanes of the current word: ``tail`` for a pixel's last word, else C."""
-        return Mux(self.last_group(entry), entry.tail, self.cols)
+        return Mux(self.last, entry.tail, self.cols)
 
     def start(self, m, entry):
-        m.d.sync += [self.addr.eq(entry.base), self.group.eq(0), self.left.eq(entry.pixels)]
+        m.d.sync += [self.addr.eq(entry.base), self.group.eq(0), self.left.eq(entry.pixels),
+                     self.last.eq(entry.groups == 1)]
 
     def next_word(self, m, entry):
         m.d.sync += self.addr.eq(self.addr + 1)
-        with m.If(self.last_group(entry)):
-            m.d.sync += [self.group.eq(0), self.left.eq(self.left - 1)]
+        with m.If(self.last):
+            m.d.sync += [self.group.eq(0), self.left.eq(self.left - 1),
+                         self.last.eq(entry.groups == 1)]
         with m.Else():
-            m.d.sync += self.group.eq(self.group + 1)
+            m.d.sync += [self.group.eq(self.group + 1), self.last.eq(self.group + 2 == entry.groups)]
 
 
 class GatherUnit(wiring.Component):
@@ -261,7 +263,7 @@ class GatherUnit(wiring.Component):
                     lane.eq(0),
                 ]
                 walk.next_word(m, entry0)
-                with m.If(walk.last_word(entry0)):
+                with m.If(walk.last_word()):
                     m.d.sync += [moving.eq(0), fetching.eq(0)]
             with m.Else():
                 m.d.sync += [word.eq(merged), lane.eq(lane + take)]
@@ -310,7 +312,7 @@ class GatherUnit(wiring.Component):
             with m.Elif(lane + 1 == walk.lanes(entry)):
                 m.d.sync += lane.eq(0)
                 walk.next_word(m, entry)
-                with m.If(walk.last_word(entry)):
+                with m.If(walk.last_word()):
                     with m.If(layer + 1 == setup.n_layers):
                         m.d.sync += [logit.eq(1), walk.addr.eq(0)]
                     with m.Else():
