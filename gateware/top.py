@@ -210,9 +210,9 @@ class Accelerator(wiring.Component):
                      ad.mem_re.eq(host_re & (region == Region.ADAPTERS))]
 
         # --- host reads: the word is on rdata 2 cycles after re ----------------------------
-        # cycle 1: the memories' words and the register; each goes straight into a
-        # register of its own (a deep memory's output multiplexer is slow), cycle 2: the
-        # region's word is chosen
+        # cycle 1: the memories' words and the register the registered offset selects;
+        # each goes straight into a register of its own (a deep memory's output
+        # multiplexer is slow), cycle 2: the region's word is chosen
         rd_region = Signal(Region)
         rd_chunk = Signal(OFFSET_BITS)
         rd_reg = Signal(32)
@@ -241,12 +241,10 @@ class Accelerator(wiring.Component):
             Regs.CACHE_HITS: cache.hits, Regs.CACHE_MISSES: cache.misses, Regs.LFSR: lora.lfsr,
             **counters,
         }
-        with m.Switch(offset):
+        with m.Switch(rd_chunk):
             for r, value in regs.items():
                 with m.Case(r):
-                    m.d.sync += rd_reg.eq(value)
-            with m.Default():
-                m.d.sync += rd_reg.eq(0)
+                    m.d.comb += rd_reg.eq(value)
 
         act8 = Signal(8 * C)
         for j in range(C):
