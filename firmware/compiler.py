@@ -37,7 +37,7 @@ from sim.fixed_model import lr_mantissa, quantize_input
 from .asm import Assembler, AsmError
 from .isa import COUNT_BITS, WORD_BITS, Cond, Opcode, Phase, Reg, pack, register_layout
 from .layers import ConvDescriptor, LayoutError, pack_biases, pack_weights, plan_network, to_words
-from .memmap import OFFSET_BITS, Region, adapter_addresses, adapter_span, chunk_bits, word_bits
+from .memmap import OFFSET_BITS, Region, adapter_span, chunk_bits, read_adapters, word_bits, write_adapters
 
 __all__ = ["Program", "compile_finetune", "compile_infer", "plan_activations",
            "register_values", "finetune_images", "infer_images", "frozen_images",
@@ -324,17 +324,10 @@ def sample_images(model, x, y, cfg, order=None):
 def master_words(masters, cfg):
     """ADAPTERS words from offset 0 of masters [(A_l, B_l)], int32 as unsigned 32-bit
     words, at their `adapter_addresses` (padding zero)."""
-    sizes, rank, classes = _adapter_shape(masters)
-    words = np.zeros(adapter_span(sizes, rank, cfg), np.int64)
-    flat = [np.ravel(m) for a, b in masters for m in (a, b)]
-    words[adapter_addresses(sizes, rank, classes, cfg)] = np.concatenate(flat) if flat else []
+    rank = masters[0][0].shape[1] if masters else 1
+    words = np.zeros(adapter_span([a.shape[0] for a, _ in masters], rank, cfg), np.int64)
+    write_adapters(words, masters, cfg)
     return [int(v) & _MASK for v in words]
-
-
-def _adapter_shape(masters):
-    if not masters:
-        return [], 1, 0
-    return [a.shape[0] for a, _ in masters], masters[0][0].shape[1], masters[0][1].shape[1]
 
 
 def adapter_count(model, rank, cfg):
@@ -349,15 +342,7 @@ def read_masters(words, model, rank, cfg):
     if len(words) < need:
         raise ValueError(f"{len(words)} adapter words; rank {rank} needs {need}")
     raw = np.asarray([int(w) & _MASK for w in words[:need]], np.uint32).view(np.int32).astype(np.int64)
-    flat = raw[adapter_addresses(model.adapter_inputs, rank, model.classes, cfg)]
-    out, off = [], 0
-    for d in model.adapter_inputs:
-        a = flat[off:off + d * rank].reshape(d, rank)
-        off += d * rank
-        b = flat[off:off + rank * model.classes].reshape(rank, model.classes)
-        off += rank * model.classes
-        out.append((a, b))
-    return out
+    return read_adapters(raw, model.adapter_inputs, rank, model.classes, cfg)
 
 
 def finetune_images(model, x, y, schedule, cfg):

@@ -18,7 +18,7 @@ from amaranth.utils import ceil_log2
 
 __all__ = ["Region", "Regs", "Status", "Control", "ID_MAGIC", "OFFSET_BITS", "PORT_ADDR_BITS",
            "word_bits", "chunk_bits", "region_words", "address", "WRITABLE", "adapter_bases",
-           "adapter_span", "adapter_addresses"]
+           "adapter_span", "adapter_addresses", "read_adapters", "write_adapters"]
 
 OFFSET_BITS = 24
 PORT_ADDR_BITS = 28
@@ -160,3 +160,30 @@ def adapter_addresses(sizes, rank, classes, cfg):
         out.append((a + np.arange(d)[:, None] * R + np.arange(rank)).ravel())
         out.append((b + np.arange(rank)[:, None] * P + np.arange(classes)).ravel())
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def read_adapters(words, sizes, rank, classes, cfg):
+    """[(A_l, B_l)] gathered from ``words``, an array of the ADAPTERS region from offset 0
+    (copies, not views)."""
+    flat = np.asarray(words)[adapter_addresses(sizes, rank, classes, cfg)]
+    out, off = [], 0
+    for d in sizes:
+        a = flat[off:off + d * rank].reshape(d, rank)
+        off += d * rank
+        out.append((a, flat[off:off + rank * classes].reshape(rank, classes)))
+        off += rank * classes
+    return out
+
+
+def write_adapters(words, pairs, cfg, add=False):
+    """Scatter [(A_l, B_l)] into ``words``, an array of the ADAPTERS region from offset 0,
+    at their addresses (added to what is there with ``add``)."""
+    if not pairs:
+        return
+    sizes, rank, classes = [a.shape[0] for a, _ in pairs], pairs[0][0].shape[1], pairs[0][1].shape[1]
+    where = adapter_addresses(sizes, rank, classes, cfg)
+    values = np.concatenate([np.ravel(m) for pair in pairs for m in pair])
+    if add:
+        words[where] += values
+    else:
+        words[where] = values

@@ -39,7 +39,7 @@ from .config import DEFAULT, AccelConfig
 from .layouts import class_bits, ram_style, loss_in_layout, loss_out_layout, sample_layout
 
 __all__ = ["AdapterDatapath", "setup_layout", "master_port", "grad_bits", "row_mask",
-           "H_SHIFT_BITS"]
+           "align_up", "H_SHIFT_BITS"]
 
 
 def _signed_bits(bound):
@@ -67,6 +67,16 @@ def row_mask(rank, bits):
     """``R - 1`` in ``bits`` bits, ``R`` the rank rounded up to a power of two: the words a
     row of ``A_l`` takes in the ADAPTERS layout."""
     return Cat(*(rank > (1 << i) for i in range(bits)))
+
+
+def align_up(value, mask, bits):
+    """``value`` rounded up to a multiple of ``mask + 1``, a power of two of at most
+    ``bits`` bits: where the ADAPTERS layout starts a tensor (``mask = P - 1``) or a row
+    of ``A_l`` (``mask = R - 1``)."""
+    if not bits:
+        return value
+    up = value + mask
+    return Cat(up[:bits] & ~mask, up[bits:])
 
 
 def master_port(cfg, write_addr=False):
@@ -284,11 +294,6 @@ class AdapterDatapath(wiring.Component):
         def row_of(addr):
             return addr[LP:]
 
-        def align(addr):
-            """``addr`` rounded up to a multiple of P, where every tensor starts."""
-            up = addr + (P - 1)
-            return Cat(Const(0, LP), up[LP:]) if LP else addr
-
         # --- Memories -----------------------------------------------------------------
         mrd, mwr, grd, gwr = [], [], [], []
         for b in range(P):
@@ -338,26 +343,24 @@ class AdapterDatapath(wiring.Component):
         port_active = self.mem_re | self.mem_we | self.mem_clr
 
         # --- Issue register (I) ---------------------------------------------------------
-        # The operation and its row in each bank are registered before they address the
-        # memories: neither the sequencer's handshake nor the row adder lies on a path
-        # into a RAM's address.
+        # The operation and its address are registered before they address the memories:
+        # the sequencer's handshake lies on no path into a RAM's address.
         op_layout = data.StructLayout({
             "op": _Op, "start": unsigned(AW + 1), "count": unsigned(bits_for(P)),
             "first": unsigned(1), "last": unsigned(1), "layer": unsigned(lbits),
             "k": unsigned(kbits),
         })
         opI = Signal(op_layout)
-        rowI = Signal.like(mrd[0].addr)
         xI = Signal(signed(cfg.act_bits))
         xaddrI = Signal.like(xaddr0)
         m.d.sync += [
             opI.op.eq(op0), opI.start.eq(start0), opI.count.eq(count0), opI.first.eq(first0),
             opI.last.eq(last0), opI.layer.eq(layer0), opI.k.eq(k0), xI.eq(x0),
-            xaddrI.eq(xaddr0), rowI.eq(row_of(start0)),
+            xaddrI.eq(xaddr0),
         ]
         issuing = opI.op != _Op.NONE
         # the ADAPTERS layout keeps every row inside one row of the banks
-        row = Mux(issuing, rowI, row_of(self.mem_addr))
+        row = Mux(issuing, row_of(opI.start), row_of(self.mem_addr))
         for b in range(P):
             m.d.comb += [mrd[b].addr.eq(row), grd[b].addr.eq(row)]
         m.d.comb += [
@@ -546,7 +549,7 @@ class AdapterDatapath(wiring.Component):
 
         # the ADAPTERS layout (firmware.memmap.adapter_bases): rows of A_l R words apart,
         # rows of B_l P words apart, each tensor at a multiple of P
-        b_next = align(ptr + rstride)
+        b_next = align_up(ptr + rstride, Const(P - 1, LP), LP)
 
         def b_row_walk():
             """Advance over the rows of every B_l: (l, i = k)."""

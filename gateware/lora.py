@@ -8,7 +8,7 @@ the fine-tuning step of Skip2-LoRA, with the shift-Adam moments of every adapter
 Nothing here is imported from ``sim/``.
 """
 
-from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -16,7 +16,7 @@ from amaranth.utils import ceil_log2
 
 from firmware.isa import FSHIFT_BITS, lora_setup_layout
 
-from .adapter import AdapterDatapath, master_port, row_mask
+from .adapter import AdapterDatapath, align_up, master_port, row_mask
 from .config import DEFAULT, AccelConfig
 from .layouts import class_bits, sample_layout
 from .loss import LossUnit
@@ -235,10 +235,8 @@ class LoraEngine(wiring.Component):
         P, LP = cfg.adapter_lanes, ceil_log2(cfg.adapter_lanes)
         rmask = Signal(max(1, LP))
         m.d.sync += rmask.eq(row_mask(rank, max(1, LP)))
-        up = rptr + P
-        next_line = Cat(Const(0, LP), up[LP:]) if LP else rptr + 1
-        step = rptr + rmask + 1
-        next_row = Cat(step[:LP] & ~rmask, step[LP:]) if LP else rptr + 1
+        next_line = align_up(rptr + 1, Const(P - 1, LP), LP)
+        next_row = align_up(rptr + 1, rmask, LP)
         # each result is written where its weight was read, LATENCY + 1 cycles earlier
         wq = [Signal(self._aw, name=f"wq{i}") for i in range(LATENCY + 1)]
         m.d.sync += [wq[0].eq(rptr)] + [wq[i].eq(wq[i - 1]) for i in range(1, LATENCY + 1)]

@@ -54,7 +54,8 @@ from firmware.isa import (CONV_WORDS, LOOP_DEPTH, WORD_BITS, Cond, Error, IsaErr
                           decode, layout_words, register_layout, unpack)
 from firmware.layers import ConvDescriptor, from_words, pack_activations, to_words, unpack_activations
 from firmware.memmap import (ID_MAGIC, OFFSET_BITS, WRITABLE, Control, Region, Regs, Status,
-                             adapter_addresses, adapter_span, chunk_bits, region_words, word_bits)
+                             adapter_span, chunk_bits, read_adapters, region_words, word_bits,
+                             write_adapters)
 from gateware.config import DEFAULT
 
 from .cache import ActivationCache
@@ -438,10 +439,10 @@ class Machine:
         moments = (self._split(self._m), self._split(self._v))
         new, (m, v) = update(model, masters, moments, self._split(self._grad), lr, self.lfsr, cfg)
         words = self.adapters.view(np.int32).astype(np.int64)
-        self._join(new, words)
+        write_adapters(words, new, cfg)
         self.adapters[:] = words.astype(np.int32).view(np.uint32)
-        self._join(m, self._m)
-        self._join(v, self._v)
+        write_adapters(self._m, m, cfg)
+        write_adapters(self._v, v, cfg)
         self._grad[:] = 0
         self.updates += 1
 
@@ -501,34 +502,18 @@ class Machine:
 
     # ------------------------------------------------------------ LoRA engine ------
 
-    def _addresses(self):
-        """Every weight's ADAPTERS offset, A_0, B_0, A_1, ... row-major, as the ADAPTER
-        register lays them out (`firmware.memmap.adapter_bases`)."""
+    def _split(self, words):
+        """[(A_l, B_l)] from a per-word array of the ADAPTERS region, as the ADAPTER
+        register lays the weights out (`firmware.memmap.adapter_bases`)."""
         lora = self._lora
         try:
             span = adapter_span(lora["sizes"], lora["rank"], self.cfg)
+            if span > self.cfg.adapter_words:
+                raise ValueError(f"the adapters need {span} words; the memory has "
+                                 f"{self.cfg.adapter_words}")
+            return read_adapters(words, lora["sizes"], lora["rank"], lora["classes"], self.cfg)
         except ValueError as e:
             raise MachineFault(str(e)) from None
-        if span > self.cfg.adapter_words:
-            raise MachineFault(f"the adapters need {span} words; the memory has {self.cfg.adapter_words}")
-        return adapter_addresses(lora["sizes"], lora["rank"], lora["classes"], self.cfg)
-
-    def _split(self, words):
-        """[(A_l, B_l)] views of a per-word array of the ADAPTERS region."""
-        r, k = self._lora["rank"], self._lora["classes"]
-        flat = words[self._addresses()]
-        out, off = [], 0
-        for d in self._lora["sizes"]:
-            a = flat[off:off + d * r].reshape(d, r)
-            off += d * r
-            out.append((a, flat[off:off + r * k].reshape(r, k)))
-            off += r * k
-        return out
-
-    def _join(self, pairs, into):
-        """Scatter [(A_l, B_l)] into the per-word array ``into`` at their addresses."""
-        if pairs:
-            into[self._addresses()] = np.concatenate([m.reshape(-1) for pair in pairs for m in pair])
 
     def masters(self):
         """[(A_l, B_l)] int64 master weights, as the ADAPTER register lays them out."""
@@ -560,8 +545,7 @@ class Machine:
         masters = self._split(self.adapters.view(np.int32).astype(np.int64))
         z, hs = adapter_forward(model, xs, base, masters, cfg)
         grads = adapter_grads(model, xs, hs, loss_grad(z, y, cfg), masters, cfg)
-        self._grad[self._addresses()] += np.concatenate(
-            [g.reshape(-1) for pair in grads for g in pair]) if grads else 0
+        write_adapters(self._grad, grads, cfg, add=True)
         pred = argmax(z)
         correct = pred == y
         for (_, _, _, slot), p, c in zip(queue, pred, correct):

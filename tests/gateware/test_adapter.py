@@ -11,7 +11,7 @@ import pytest
 from amaranth.sim import Simulator
 from numpy.testing import assert_array_equal
 
-from firmware.memmap import adapter_addresses, adapter_span
+from firmware.memmap import adapter_addresses, adapter_span, read_adapters, write_adapters
 from gateware.adapter import AdapterDatapath, grad_bits
 from gateware.config import DEFAULT, AccelConfig
 from sim import fixed_model
@@ -30,10 +30,9 @@ PAD = -0x5A5A5A5B
 def flat_masters(masters, cfg, pad=PAD):
     """[(A_l, B_l)] -> the ADAPTERS words from offset 0 (`firmware.memmap.adapter_bases`),
     the padding words ``pad``."""
-    sizes, rank, classes = [a.shape[0] for a, _ in masters], masters[0][0].shape[1], masters[0][1].shape[1]
-    words = np.full(adapter_span(sizes, rank, cfg), pad, np.int64)
-    words[adapter_addresses(sizes, rank, classes, cfg)] = np.concatenate(
-        [np.ravel(t) for a, b in masters for t in (a, b)])
+    words = np.full(adapter_span([a.shape[0] for a, _ in masters], masters[0][0].shape[1], cfg),
+                    pad, np.int64)
+    write_adapters(words, masters, cfg)
     return [int(v) for v in words]
 
 
@@ -45,15 +44,7 @@ def padding(sizes, rank, classes, cfg):
 
 def split_flat(words, sizes, rank, classes, cfg):
     """[(A_l, B_l)] from the ADAPTERS words from offset 0."""
-    flat = np.asarray(words, np.int64)[adapter_addresses(sizes, rank, classes, cfg)]
-    out, pos = [], 0
-    for d in sizes:
-        a = np.array(flat[pos:pos + d * rank], np.int64).reshape(d, rank)
-        pos += d * rank
-        b = np.array(flat[pos:pos + rank * classes], np.int64).reshape(rank, classes)
-        pos += rank * classes
-        out.append((a, b))
-    return out
+    return read_adapters(np.asarray(words, np.int64), sizes, rank, classes, cfg)
 
 
 def setup_value(sizes, s_x, rank, classes, cfg):
