@@ -219,9 +219,10 @@ class GatherUnit(wiring.Component):
         smp_q = Signal(8 * SAMPLE_WORD_BYTES)
         f_credit = words.level + f1 + f2 < READ_FIFO_DEPTH
         f_issue = fetching & f_credit
+        move_strobe = ~self.busy & self.move            # a MOVE is taken (see "strobes")
         # idle, the strobe's ``src`` is addressed: its word is read in the strobe's cycle
         m.d.comb += self.smp_addr.eq(Mux(fetching, f_addr, self.src[2:]))
-        m.d.sync += [f1.eq(f_issue | ~self.busy & self.move), f2.eq(f1), smp_q.eq(self.smp_data)]
+        m.d.sync += [f1.eq(f_issue | move_strobe), f2.eq(f1), smp_q.eq(self.smp_data)]
         with m.If(f_issue):
             m.d.sync += f_addr.eq(f_addr + 1)
         m.d.comb += [words.w_data.eq(smp_q), words.w_en.eq(f2),
@@ -322,21 +323,20 @@ class GatherUnit(wiring.Component):
                 m.d.sync += lane.eq(lane + 1)
 
         # ------------------------------------------------------------ strobes
-        with m.If(~self.busy):
-            with m.If(self.move):
-                m.d.sync += [moving.eq(1), byte_addr.eq(self.src), word.eq(0), lane.eq(0),
-                             fetching.eq(1), f_addr.eq(self.src[2:] + 1)]
-                walk.start(m, entry0)
-            with m.Elif(self.gather):
-                m.d.sync += [
-                    gathering.eq(1), layer.eq(0), lane.eq(0), first.eq(1),
-                    logit.eq(setup.n_layers == 0), cls_left.eq(setup.classes),
-                    sel.lora.eq(self.to_lora), sel.fill.eq(self.to_fill),
-                    index.eq(self.index), label.eq(self.label),
-                ]
-                walk.start(m, entry0)
-                with m.If(setup.n_layers == 0):
-                    m.d.sync += walk.addr.eq(0)
+        with m.If(move_strobe):
+            m.d.sync += [moving.eq(1), byte_addr.eq(self.src), word.eq(0), lane.eq(0),
+                         fetching.eq(1), f_addr.eq(self.src[2:] + 1)]
+            walk.start(m, entry0)
+        with m.Elif(~self.busy & self.gather):
+            m.d.sync += [
+                gathering.eq(1), layer.eq(0), lane.eq(0), first.eq(1),
+                logit.eq(setup.n_layers == 0), cls_left.eq(setup.classes),
+                sel.lora.eq(self.to_lora), sel.fill.eq(self.to_fill),
+                index.eq(self.index), label.eq(self.label),
+            ]
+            walk.start(m, entry0)
+            with m.If(setup.n_layers == 0):
+                m.d.sync += walk.addr.eq(0)
 
         # ------------------------------------------------------------ GATHER: format
         # Stage 1 registers the element's lane (the RAM output goes straight into a
