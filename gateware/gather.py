@@ -60,17 +60,21 @@ class _RegionWalk:
         """Valid lanes of the current word: ``tail`` for a pixel's last word, else C."""
         return Mux(self.last, entry.tail, self.cols)
 
+    def next_last(self, entry):
+        """``last`` of the word after the current one."""
+        return Mux(self.last, entry.groups == 1, self.group + 2 == entry.groups)
+
     def start(self, m, entry):
         m.d.sync += [self.addr.eq(entry.base), self.group.eq(0), self.left.eq(entry.pixels),
                      self.last.eq(entry.groups == 1)]
 
     def next_word(self, m, entry):
         m.d.sync += self.addr.eq(self.addr + 1)
+        m.d.sync += self.last.eq(self.next_last(entry))
         with m.If(self.last):
-            m.d.sync += [self.group.eq(0), self.left.eq(self.left - 1),
-                         self.last.eq(entry.groups == 1)]
+            m.d.sync += [self.group.eq(0), self.left.eq(self.left - 1)]
         with m.Else():
-            m.d.sync += [self.group.eq(self.group + 1), self.last.eq(self.group + 2 == entry.groups)]
+            m.d.sync += self.group.eq(self.group + 1)
 
 
 class GatherUnit(wiring.Component):
@@ -229,31 +233,44 @@ class GatherUnit(wiring.Component):
                      fetched.eq(f1 | f2 | words.r_rdy)]
 
         # ------------------------------------------------------------ MOVE: merge
+        # A step moves ``take`` bytes of the FIFO's head (the sample word whose bytes from
+        # ``off`` on are unused) into lanes ``lane`` on of the activation word, which
+        # has ``need`` lanes left to fill. The steps depend on the walk, not on the data,
+        # so each step's controls are worked out one step ahead into registers: the
+        # head's bytes pass only a lane's byte select and a multiplexer into ``word``.
         entry0 = setup.layers[0]
-        byte_addr = Signal(len(self.src))
         word = Signal(8 * C)            # the activation word's lanes taken so far
-        off = byte_addr[:2]
-        need = walk.lanes(entry0) - lane                        # 1 .. C
-        avail = SAMPLE_WORD_BYTES - off                         # 1 .. 4
-        word_end = need <= avail
-        take = Mux(word_end, need, avail)
-        # Lane i of the word takes byte (i - lane + off) of the FIFO's head, the sample
-        # word of ``byte_addr``, when it is one of the ``take`` lanes from ``lane`` on.
+        off = Signal(2)
+        need = Signal(range(C + 1))                             # 1 .. C
+        take = Signal(range(SAMPLE_WORD_BYTES + 1))             # min(need, 4 - off)
+        upto = Signal(range(C + SAMPLE_WORD_BYTES + 1))         # lane + take
+        word_end = Signal()                                     # need <= 4 - off
+        pop = Signal()                                          # need >= 4 - off
+        rel = Signal(2)                                         # off - lane, mod 4
+
+        def plan(need_n, off_n, lane_n):
+            """The registers of the step whose need, off and lane are these."""
+            avail_n = SAMPLE_WORD_BYTES - off_n
+            take_n = Mux(need_n <= avail_n, need_n, avail_n)
+            return [need.eq(need_n), off.eq(off_n), take.eq(take_n), upto.eq(lane_n + take_n),
+                    word_end.eq(need_n <= avail_n), pop.eq(need_n >= avail_n),
+                    rel.eq(off_n - lane_n)]
+
+        # lane i takes byte (i - lane + off) mod 4 of the head when lane <= i < lane + take
         merged = Signal(8 * C)
         for i in range(C):
-            taken = (i >= lane) & (i < lane + take)
-            byte = words.r_data.word_select((i - lane + off)[:2], 8)
+            taken = (i >= lane) & (i < upto)
+            byte = words.r_data.word_select((i + rel)[:2], 8)
             m.d.comb += merged.word_select(i, 8).eq(Mux(taken, byte, word.word_select(i, 8)))
 
         step = moving & words.r_rdy & (~self.load.valid | self.load.ready)
         # the head is used up when this step takes its last byte; once the move is done
         # the words read ahead are dropped as they arrive
-        m.d.comb += words.r_en.eq(Mux(moving, step & (take == avail), words.r_rdy))
+        m.d.comb += words.r_en.eq(Mux(moving, step & pop, words.r_rdy))
 
         with m.If(self.load.ready):
             m.d.sync += self.load.valid.eq(0)
         with m.If(step):
-            m.d.sync += byte_addr.eq(byte_addr + take)
             with m.If(word_end):
                 m.d.sync += [
                     self.load.valid.eq(1),
@@ -263,11 +280,14 @@ class GatherUnit(wiring.Component):
                     word.eq(0),         # the lanes past the tail stay zero
                     lane.eq(0),
                 ]
+                m.d.sync += plan(Mux(walk.next_last(entry0), entry0.tail, C), (off + take)[:2], 0)
                 walk.next_word(m, entry0)
                 with m.If(walk.last_word()):
                     m.d.sync += [moving.eq(0), fetching.eq(0)]
             with m.Else():
+                # the head is used up (take = 4 - off): the next step starts a new one
                 m.d.sync += [word.eq(merged), lane.eq(lane + take)]
+                m.d.sync += plan(need - take, 0, lane + take)
 
         # ------------------------------------------------------------ GATHER: issue
         layer = Signal(range(cfg.max_layers))
@@ -324,8 +344,9 @@ class GatherUnit(wiring.Component):
 
         # ------------------------------------------------------------ strobes
         with m.If(move_strobe):
-            m.d.sync += [moving.eq(1), byte_addr.eq(self.src), word.eq(0), lane.eq(0),
+            m.d.sync += [moving.eq(1), word.eq(0), lane.eq(0),
                          fetching.eq(1), f_addr.eq(self.src[2:] + 1)]
+            m.d.sync += plan(Mux(entry0.groups == 1, entry0.tail, C), self.src[:2], 0)
             walk.start(m, entry0)
         with m.Elif(~self.busy & self.gather):
             m.d.sync += [
