@@ -263,6 +263,10 @@ class GatherUnit(wiring.Component):
             byte = words.r_data.word_select((i + rel)[:2], 8)
             m.d.comb += merged.word_select(i, 8).eq(Mux(taken, byte, word.word_select(i, 8)))
 
+        # a named signal: inline in plan()'s arguments, this Mux makes yosys 0.70's abc9
+        # reintegration fail an assertion
+        next_lanes = Signal(range(C + 1))                       # of the next word
+        m.d.comb += next_lanes.eq(Mux(walk.next_last(entry0), entry0.tail, C))
         step = moving & words.r_rdy & (~self.load.valid | self.load.ready)
         # the head is used up when this step takes its last byte; once the move is done
         # the words read ahead are dropped as they arrive
@@ -280,7 +284,7 @@ class GatherUnit(wiring.Component):
                     word.eq(0),         # the lanes past the tail stay zero
                     lane.eq(0),
                 ]
-                m.d.sync += plan(Mux(walk.next_last(entry0), entry0.tail, C), (off + take)[:2], 0)
+                m.d.sync += plan(next_lanes, (off + take)[:2], 0)
                 walk.next_word(m, entry0)
                 with m.If(walk.last_word()):
                     m.d.sync += [moving.eq(0), fetching.eq(0)]
