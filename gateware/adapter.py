@@ -178,8 +178,10 @@ class AdapterDatapath(wiring.Component):
         master. Padding words are never read into a sum nor written by the datapath.
     mem_re, mem_we, mem_clr : In(1)
         Read, write the master at ``mem_addr`` with ``mem_wdata``, clear the accumulator
-        at ``mem_addr``. Honoured only while ``busy`` is low; while any of them is high,
-        no new sample is accepted, so that the port owns the memories.
+        at ``mem_addr``. Honoured only while ``busy`` is low; the port's user offers no
+        sample while it uses the port (`gateware.lora.LoraEngine` holds its samples back
+        during an update; the top level lets the host use it only while no program runs),
+        so that the host's decode of its strobes lies on no path into a sample's start.
     mem_wdata : In(signed(master_bits))
     mem_waddr : In(ceil_log2(adapter_words))
         Only with ``write_addr=True``: the address of ``mem_we`` (otherwise ``mem_addr``),
@@ -339,8 +341,6 @@ class AdapterDatapath(wiring.Component):
         k0 = Signal(kbits)
         x0 = Signal(signed(cfg.act_bits))
         xaddr0 = Signal(range(cfg.adapter_words))
-
-        port_active = self.mem_re | self.mem_we | self.mem_clr
 
         # --- Issue register (I) ---------------------------------------------------------
         # The operation and its address are registered before they address the memories:
@@ -574,7 +574,7 @@ class AdapterDatapath(wiring.Component):
                     m.d.sync += sweep.eq(0)
                     m.next = "CLEAR"
                 with m.Else():
-                    m.d.comb += src.ready.eq(~(port_active & ~started))
+                    m.d.comb += src.ready.eq(1)
                     with m.If(src.valid & src.ready):
                         m.d.sync += started.eq(1)
                         with m.If(l < n_layers):
