@@ -201,9 +201,10 @@ class LinkController(wiring.Component):
         addr = r_head[:PORT_ADDR_BITS]
         region, first = addr[OFFSET_BITS:], addr[:OFFSET_BITS]
         # the range's last offset (one past the region when it runs out of it); the
-        # count is checked by good_len first: 1..256
+        # count is checked by good_len first: 1..256. The sum and the address check are
+        # each registered: the fields are final two CRC byte times before the handoff.
         last = Signal(OFFSET_BITS + 1)
-        m.d.comb += last.eq(first + Mux(is_cmd[Command.WRITE], (r_len - 4) >> 2, count) - 1)
+        m.d.sync += last.eq(first + Mux(is_cmd[Command.WRITE], (r_len - 4) >> 2, count) - 1)
         good_addr = Signal()        # `firmware.protocol.address_ok`
         with m.Switch(region):
             for reg, w in windows(self._cfg).items():
@@ -214,7 +215,9 @@ class LinkController(wiring.Component):
                               (last[:w.chunk_bits] < w.chunks)
                     if not w.writable:
                         ok &= ~is_cmd[Command.WRITE]
-                    m.d.comb += good_addr.eq(ok)
+                    m.d.sync += good_addr.eq(ok)
+            with m.Default():
+                m.d.sync += good_addr.eq(0)
         good_len = Mux(is_cmd[Command.WRITE], (r_len >= 8) & (r_len[:2] == 0),
                    Mux(is_cmd[Command.READ], (r_len == 6) & (count >= 1) & (count <= MAX_WORDS),
                    Mux(is_cmd[Command.START], r_len == 2, r_len == 0)))
