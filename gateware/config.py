@@ -116,19 +116,19 @@ BOARDS = {
     # output from 25 MHz that divides into the link's baud rate exactly.
     "ulx3s-85f": DEFAULT.replace(cache_samples=384, cache_act_words=384, sample_words=110592,
                                  weight_words=24576, adapter_words=2048,
-                                 clock_hz=20_000_000, baud=2_000_000),
+                                 clock_hz=40_000_000, baud=2_000_000),
     # 72 MULT18X18D, 108 DP16KD, 44k LUT4: 16 adapter lanes (digits' 10 classes) do not fit
     # its LUTs, so 4 lanes (at most 4 classes: fan), an 8x4 array, all of fan's samples
     # and 8 cache lines (its 108 DP16KD are then all but one in use)
     "ulx3s-45f": DEFAULT.replace(array_cols=4, max_rank=4, max_classes=4, cache_samples=8,
                                  cache_act_words=384, sample_words=110592, weight_words=22528,
-                                 adapter_words=2048, program_words=512, clock_hz=45_000_000),
+                                 adapter_words=2048, program_words=512, clock_hz=60_000_000),
     # 28 MULT18X18D, 56 DP16KD, 24k LUT4: a 4x2 array and 4 adapter lanes (so at most 4
     # classes and rank 4), 64 samples of fan's size, 16 cache lines
     "ulx3s-25f": DEFAULT.replace(array_rows=4, array_cols=2, max_rank=4, max_classes=4,
                                  cache_samples=16, cache_act_words=384, sample_words=16384,
                                  max_samples=64, weight_words=22528, bias_words=256,
-                                 adapter_words=1024, program_words=512, clock_hz=45_000_000),
+                                 adapter_words=1024, program_words=512, clock_hz=60_000_000),
 }
 # the 12F is the 25F's die (nextpnr places it as one): the same configuration
 BOARDS["ulx3s-12f"] = BOARDS["ulx3s-25f"]
