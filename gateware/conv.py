@@ -100,13 +100,11 @@ class ConvUnit(wiring.Component):
         tile_start = Signal()                       # a tile's first step is issued
 
         produce = feeding & (produced < R)
-        # in_base is folded into the walk's first address once per layer, so that a read
-        # address is one sum (pixel + step offset) after the pixel's mux
-        addr_first = Signal(signed(ADDR_BITS + 1))
+        # in_base is folded into the walk's addresses, so that a read address is one sum
+        # (pixel + step offset) after the pixel's mux
         with m.If(begin):
             m.d.sync += [st.ih0.eq(-self.desc.pad_h), st.iw0.eq(-self.desc.pad_w),
                          st.addr.eq(self.desc.addr0 + self.desc.in_base),
-                         addr_first.eq(self.desc.addr0 + self.desc.in_base),
                          st_dx.eq(0), st_dy.eq(0), st_px.eq(0), st_slot.eq(0), produced.eq(0)]
         with m.Elif(produce):
             m.d.sync += [chain[R - 1].eq(st), produced.eq(produced + 1)]
@@ -126,7 +124,8 @@ class ConvUnit(wiring.Component):
                 m.d.sync += [st_dx.eq(0), st_dy.eq(0), st_px.eq(0)]
             with m.If(st_slot == d.tiles * R - 1):
                 # the walk restarts for the next output group
-                m.d.sync += [st.ih0.eq(-d.pad_h), st.iw0.eq(-d.pad_w), st.addr.eq(addr_first),
+                m.d.sync += [st.ih0.eq(-d.pad_h), st.iw0.eq(-d.pad_w),
+                             st.addr.eq(d.addr0 + d.in_base),
                              st_dx.eq(0), st_dy.eq(0), st_px.eq(0), st_slot.eq(0)]
             with m.Else():
                 m.d.sync += [st.ih0.eq(st.ih0 + d.step_ih[kind]),
@@ -139,11 +138,11 @@ class ConvUnit(wiring.Component):
 
         # ------------------------------------------------------- reduction-step loop
         k = Signal(16)
-        lane, cg = Signal(range(C)), Signal(8)
+        lane = Signal(range(C))
         c = Signal(12)
         ki, kj = Signal(8), Signal(8)
         koff = Signal(ADDR_BITS)                    # (ki * W + kj) * G
-        kc = Signal(ADDR_BITS)                      # koff + cg: the step's word offset
+        kc = Signal(ADDR_BITS)                      # koff + c // C: the step's word offset
         first = Signal(init=1)                      # k == 0, registered
         tile, group = Signal(12), Signal(8)
         w_addr, w_group = Signal(ADDR_BITS), Signal(ADDR_BITS)
@@ -169,14 +168,14 @@ class ConvUnit(wiring.Component):
         m.d.comb += [self.weight.addr.eq(w_addr), self.weight.en.eq(issue)]
 
         with m.If(begin):
-            m.d.sync += [k.eq(0), first.eq(1), lane.eq(0), cg.eq(0), c.eq(0), ki.eq(0), kj.eq(0),
+            m.d.sync += [k.eq(0), first.eq(1), lane.eq(0), c.eq(0), ki.eq(0), kj.eq(0),
                          koff.eq(0), kc.eq(0), tile.eq(0), group.eq(0), w_addr.eq(self.desc.w_base),
                          w_group.eq(self.desc.w_base), b_valid.eq(0)]
         with m.Elif(issue):
             m.d.sync += [b_valid.eq(1), b_lane.eq(lane), b_last.eq(k == d.k_len - 1),
                          first.eq(k == d.k_len - 1)]
             with m.If(k == d.k_len - 1):
-                m.d.sync += [k.eq(0), lane.eq(0), cg.eq(0), c.eq(0), ki.eq(0), kj.eq(0), koff.eq(0),
+                m.d.sync += [k.eq(0), lane.eq(0), c.eq(0), ki.eq(0), kj.eq(0), koff.eq(0),
                              kc.eq(0)]
                 with m.If(tile == d.tiles - 1):
                     m.d.sync += [tile.eq(0), group.eq(group + 1),
@@ -188,7 +187,7 @@ class ConvUnit(wiring.Component):
             with m.Else():
                 m.d.sync += [k.eq(k + 1), w_addr.eq(w_addr + 1)]
                 with m.If(c == d.cin - 1):
-                    m.d.sync += [c.eq(0), lane.eq(0), cg.eq(0)]
+                    m.d.sync += [c.eq(0), lane.eq(0)]
                     with m.If(kj == d.kw - 1):
                         m.d.sync += [kj.eq(0), ki.eq(ki + 1), koff.eq(koff + d.k_row_step),
                                      kc.eq(koff + d.k_row_step)]
@@ -197,7 +196,7 @@ class ConvUnit(wiring.Component):
                 with m.Else():
                     m.d.sync += c.eq(c + 1)
                     with m.If(lane == C - 1):
-                        m.d.sync += [lane.eq(0), cg.eq(cg + 1), kc.eq(kc + 1)]
+                        m.d.sync += [lane.eq(0), kc.eq(kc + 1)]
                     with m.Else():
                         m.d.sync += lane.eq(lane + 1)
         with m.Elif(self.feed.ready):
