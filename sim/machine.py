@@ -508,12 +508,11 @@ class Machine:
         lora = self._lora
         try:
             span = adapter_span(lora["sizes"], lora["rank"], self.cfg)
-            if span > self.cfg.adapter_words:
-                raise ValueError(f"the adapters need {span} words; the memory has "
-                                 f"{self.cfg.adapter_words}")
-            return read_adapters(words, lora["sizes"], lora["rank"], lora["classes"], self.cfg)
         except ValueError as e:
             raise MachineFault(str(e)) from None
+        if span > self.cfg.adapter_words:
+            raise MachineFault(f"the adapters need {span} words; the memory has {self.cfg.adapter_words}")
+        return read_adapters(words, lora["sizes"], lora["rank"], lora["classes"], self.cfg)
 
     def masters(self):
         """[(A_l, B_l)] int64 master weights, as the ADAPTER register lays them out."""
