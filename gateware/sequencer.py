@@ -63,7 +63,11 @@ class Sequencer(wiring.Component):
     Timing
     ------
     An instruction takes a fetch cycle, a decode cycle and at least one execute cycle,
-    plus its waits; LOAD and LAYER one more cycle per data word.
+    plus its waits; LOAD and LAYER one more cycle per data word. The strobes to the
+    units (``layer_start``, ``move``, ``gather_start``, UPDATE's and CLEAR's) are
+    registered: each is high in the cycle after the one that issues it, so that no
+    unit's start logic hangs off the sequencer's state decode. A unit is busy from the
+    cycle after its strobe; the next instruction's execute cycle comes after that.
     """
 
     def __init__(self, cfg=DEFAULT):
@@ -145,6 +149,12 @@ class Sequencer(wiring.Component):
                     m.d.sync += self.running.eq(0)
                     m.next = "IDLE"
 
+        # the strobes are registers, low unless the cycle before issued them
+        strobes = [self.layer_start, self.move, self.gather_start, self.update,
+                   self.clear_grads, self.reset_moments, self.seed_load, self.invalidate,
+                   self.clear_counters]
+        m.d.sync += [s.eq(0) for s in strobes]
+
         m.d.comb += self.prog_addr.eq(pc)
         with m.If(self.clear_counters):
             m.d.sync += self.updates.eq(0)
@@ -224,7 +234,7 @@ class Sequencer(wiring.Component):
                         with m.If(self.index >= cfg.max_samples):
                             fail(Error.INDEX)
                         with m.Elif(~self.layer_busy & ~self.gather_busy & ~self.reader_busy):
-                            m.d.comb += [self.gather_start.eq(1),
+                            m.d.sync += [self.gather_start.eq(1),
                                          self.gather_lora.eq(arg.gather.lora),
                                          self.gather_fill.eq(arg.gather.fill)]
                             m.next = "WAIT_GATHER"
@@ -245,13 +255,12 @@ class Sequencer(wiring.Component):
                             next_insn()
                     with m.Case(Opcode.UPDATE):
                         with m.If(~self.gather_busy & ~self.reader_busy):
-                            m.d.comb += self.update.eq(1)
-                            m.d.sync += self.updates.eq(self.updates + 1)
+                            m.d.sync += [self.update.eq(1), self.updates.eq(self.updates + 1)]
                             next_insn()
                     with m.Case(Opcode.CLEAR):
                         with m.If(~self.units_busy):
                             c = arg.clear
-                            m.d.comb += [self.clear_grads.eq(c.grads), self.reset_moments.eq(c.moments),
+                            m.d.sync += [self.clear_grads.eq(c.grads), self.reset_moments.eq(c.moments),
                                          self.seed_load.eq(c.seed), self.invalidate.eq(c.cache),
                                          self.clear_counters.eq(c.counters)]
                             next_insn()
@@ -288,7 +297,7 @@ class Sequencer(wiring.Component):
 
             with state("START_LAYER"):
                 with m.If(~self.layer_busy):
-                    m.d.comb += self.layer_start.eq(1)
+                    m.d.sync += self.layer_start.eq(1)
                     next_insn()
 
             # the sample's range and its check take a cycle each: neither carry chain
@@ -303,12 +312,12 @@ class Sequencer(wiring.Component):
                 m.d.sync += past_end.eq(src + arg.move.stride > cfg.sample_words)
                 m.next = "MOVE_GO"
 
+            m.d.comb += self.move_src.eq(src)
             with state("MOVE_GO"):
-                m.d.comb += self.move_src.eq(src)
                 with m.If(past_end):
                     fail(Error.INDEX)
                 with m.Elif(~self.layer_busy & ~self.gather_busy):
-                    m.d.comb += self.move.eq(1)
+                    m.d.sync += self.move.eq(1)
                     m.next = "WAIT_GATHER"
 
             with state("WAIT_GATHER"):
