@@ -23,9 +23,11 @@ from .layouts import class_bits, fill_layout, index_bits, sample_layout
 
 __all__ = ["GatherUnit", "sample_byte_bits"]
 
-# Entries of the beat FIFO: the beats in the read pipeline (RAM, lane register) and the
-# one leaving are all counted against it, so 4 keeps one beat per cycle.
-READ_FIFO_DEPTH = 4
+# Entries of the read-ahead FIFOs: the entries in the read pipeline and the one leaving
+# are all counted against it, so the pipeline's stages plus 2 keep one per cycle. MOVE's
+# words: the RAM and a register; GATHER's beats: the RAM, the word and the lane registers.
+WORD_FIFO_DEPTH = 4
+BEAT_FIFO_DEPTH = 5
 SAMPLE_WORD_BYTES = 4           # the sample memory: 32-bit words, little end first
 
 # A FIFO entry: the element raw (for ``fill``) and in the cache's format (for ``lora``).
@@ -151,12 +153,13 @@ class GatherUnit(wiring.Component):
       groups`` for whole words of C = 8 from a 4-aligned ``src``, ``3 * pixels *
       groups`` from any other.
     - GATHER: one element per cycle at full rate. An element's word is read in the cycle
-      it is issued, its lane registered the next, and it enters the 4-entry beat FIFO
-      (formatted) the cycle after; the first beat is on ``lora``/``fill`` 4 cycles after
-      the strobe and ``busy`` falls the cycle after the last beat is taken: ``n + classes
-      + 4`` cycles from the strobe with ``n = sum_l d_l`` (digits: 288 + 10 elements,
-      302 cycles). Elements are issued on credit (FIFO level plus the two pipeline stages
-      below its depth), so a stalled destination stalls the reads without a
+      it is issued, registered the next, its lane registered the one after, and it
+      enters the 5-entry beat FIFO (formatted) the cycle after; the first beat is on
+      ``lora``/``fill`` 5 cycles after the strobe and ``busy`` falls the cycle after the
+      last beat is taken: ``n + classes + 5`` cycles from the strobe with ``n = sum_l
+      d_l`` (digits: 288 + 10 elements, 303 cycles). Elements are issued on credit (FIFO
+      level plus the three pipeline stages below its depth), so a stalled destination
+      stalls the reads without a
       combinational path from ``ready`` to the read port, and no element is lost. A beat
       leaves the FIFO when every chosen destination has taken it; each destination's
       ``valid`` falls once it has (a per-destination taken bit), independently of the
@@ -165,7 +168,7 @@ class GatherUnit(wiring.Component):
     Measured (tests/gateware/test_gather.py, on the layer engine, default configuration):
     digits MOVE of 64 bytes, words on ``load`` 4 .. 67 cycles after the strobe, ``busy``
     low from cycle 70 or 71; digits GATHER of 288 activations + 10 logits to both destinations,
-    beats 4 .. 301 cycles after the strobe, ``busy`` low from cycle 302. The fan model's
+    beats 5 .. 302 cycles after the strobe, ``busy`` low from cycle 303. The fan model's
     input (1, 1, 256): 70 cycles from a 4-aligned ``src``, 103 from another.
     """
 
@@ -216,12 +219,12 @@ class GatherUnit(wiring.Component):
         # A sample is stored compactly, so MOVE reads its words in order: they are read
         # ahead into a FIFO, the memory's output going straight into a register (a deep
         # memory's output multiplexer is slow), on credit as GATHER's elements are.
-        m.submodules.words = words = SyncFIFO(width=8 * SAMPLE_WORD_BYTES, depth=READ_FIFO_DEPTH)
+        m.submodules.words = words = SyncFIFO(width=8 * SAMPLE_WORD_BYTES, depth=WORD_FIFO_DEPTH)
         fetching = Signal()
         f_addr = Signal(len(self.smp_addr))
         f1, f2 = Signal(), Signal()                     # a word on smp_data; in smp_q
         smp_q = Signal(8 * SAMPLE_WORD_BYTES)
-        f_credit = words.level + f1 + f2 < READ_FIFO_DEPTH
+        f_credit = words.level + f1 + f2 < WORD_FIFO_DEPTH
         f_issue = fetching & f_credit
         move_strobe = ~self.busy & self.move            # a MOVE is taken (see "strobes")
         # idle, the strobe's ``src`` is addressed: its word is read in the strobe's cycle
@@ -302,14 +305,16 @@ class GatherUnit(wiring.Component):
         index = Signal.like(self.index)
         label = Signal.like(self.label)
 
-        m.submodules.fifo = fifo = SyncFIFO(width=_BEAT.size, depth=READ_FIFO_DEPTH)
+        m.submodules.fifo = fifo = SyncFIFO(width=_BEAT.size, depth=BEAT_FIFO_DEPTH)
         meta = data.StructLayout({"lane": range(C), "logit": 1, "shift": 3, "signed": 1,
                                   "first": 1, "last": 1})
         s1, s1_valid = Signal(meta), Signal()           # the word is on rd_data
-        s2, s2_valid = Signal(meta), Signal()           # its lane is registered
-        s2_value = Signal(signed(16))
-        m.d.comb += in_flight.eq(s1_valid | s2_valid | fifo.r_rdy)
-        credit = fifo.level + s1_valid + s2_valid < READ_FIFO_DEPTH
+        s2, s2_valid = Signal(meta), Signal()           # the word is registered
+        s3, s3_valid = Signal(meta), Signal()           # its lane is registered
+        s2_word = Signal.like(self.rd_data)
+        s3_value = Signal(signed(16))
+        m.d.comb += in_flight.eq(s1_valid | s2_valid | s3_valid | fifo.r_rdy)
+        credit = fifo.level + s1_valid + s2_valid + s3_valid < BEAT_FIFO_DEPTH
 
         entry = setup.layers[layer]
         final = logit & (cls_left == 1)
@@ -364,20 +369,22 @@ class GatherUnit(wiring.Component):
                 m.d.sync += walk.addr.eq(0)
 
         # ------------------------------------------------------------ GATHER: format
-        # Stage 1 registers the element's lane (the RAM output goes straight into a
-        # register); stage 2 formats it into the FIFO.
-        m.d.sync += [s2_valid.eq(s1_valid), s2.eq(s1),
-                     s2_value.eq(self.rd_data.word_select(s1.lane, 16).as_signed())]
-        code = four_bit_code(s2_value[:8].as_signed(), s2.shift, s2.signed)
-        value4 = Mux(s2.signed, code.as_signed(), code) << s2.shift
+        # The element's word goes straight into a register (a block RAM's output, read
+        # across the chip, leaves little of a cycle), then its lane into another; the
+        # lane is formatted into the FIFO.
+        m.d.sync += [s2_valid.eq(s1_valid), s2.eq(s1), s2_word.eq(self.rd_data),
+                     s3_valid.eq(s2_valid), s3.eq(s2),
+                     s3_value.eq(s2_word.word_select(s2.lane, 16).as_signed())]
+        code = four_bit_code(s3_value[:8].as_signed(), s3.shift, s3.signed)
+        value4 = Mux(s3.signed, code.as_signed(), code) << s3.shift
         beat = Signal(_BEAT)
         m.d.comb += [
-            beat.raw.eq(s2_value),
-            beat.lora.eq(Mux(fmt.bits4 & ~s2.logit, value4, s2_value)),
-            beat.first.eq(s2.first),
-            beat.last.eq(s2.last),
+            beat.raw.eq(s3_value),
+            beat.lora.eq(Mux(fmt.bits4 & ~s3.logit, value4, s3_value)),
+            beat.first.eq(s3.first),
+            beat.last.eq(s3.last),
             fifo.w_data.eq(beat),
-            fifo.w_en.eq(s2_valid),
+            fifo.w_en.eq(s3_valid),
         ]
 
         # ------------------------------------------------------------ GATHER: deliver

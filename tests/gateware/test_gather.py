@@ -364,7 +364,7 @@ def test_move(geometry, src, base, stall):
 def test_timing_digits():
     """The cycles the docstring states, measured on digits (one coroutine, one tick per
     step): GATHER of 288 activations + 10 logits to both destinations at full rate, the
-    first beat 4 cycles after the strobe and one beat per cycle, ``busy`` falling 302
+    first beat 5 cycles after the strobe and one beat per cycle, ``busy`` falling 303
     cycles after it; MOVE of the 64 input bytes, words written 4 .. 67 cycles after
     its strobe, one per cycle, ``busy`` falling 3 or 4 cycles after the last. Strobes while busy are ignored."""
     model, acts, base = real_samples("digits")
@@ -411,4 +411,4 @@ def test_timing_digits():
     writes, move_end = t["move"]
     assert writes == list(range(4, 68)) and move_end in (70, 71)
     beats, gather_end = t["gather"]
-    assert beats == list(range(4, 4 + n)) and gather_end == n + 4 == 302
+    assert beats == list(range(5, 5 + n)) and gather_end == n + 5 == 303
