@@ -188,9 +188,11 @@ class AdapterDatapath(wiring.Component):
         so that a read (and clear) at one address and a write at another share a cycle;
         `gateware.lora.LoraEngine` streams its update through the port this way.
     mem_rmaster : Out(signed(master_bits)),  mem_rgrad : Out(signed(grad_bits(cfg)))
-        The master and the accumulator at the ``mem_addr`` of the previous cycle (a read
+        The master and the accumulator at the ``mem_addr`` of two cycles before (a read
         in a cycle with ``mem_re`` high; a write and a read of the same word in one cycle
-        returns the old word).
+        returns the old word). Every bank's word is registered before the port's is
+        chosen: a DP16KD's clock-to-out leaves too little of a cycle for a ``P``-way
+        multiplexer and the path to the port's user.
     clear_grads : In(1)
         Strobe: zero every accumulator. Runs when no sample is in flight (it waits for
         the current one), taking ``adapter_words / P`` cycles during which ``busy`` is high.
@@ -371,12 +373,6 @@ class AdapterDatapath(wiring.Component):
 
         # --- Port ---------------------------------------------------------------------
         busy = Signal()
-        port_sel = Signal(max(1, LP))
-        m.d.sync += port_sel.eq(bank_of(self.mem_addr))
-        m.d.comb += [
-            self.mem_rmaster.eq(Array(p.data for p in mrd)[port_sel]),
-            self.mem_rgrad.eq(Array(p.data for p in grd)[port_sel]),
-        ]
         waddr = self.mem_waddr if hasattr(self, "mem_waddr") else self.mem_addr
         for b in range(P):
             hit = ~busy & (bank_of(waddr) == b)
@@ -399,6 +395,11 @@ class AdapterDatapath(wiring.Component):
         xv2 = Signal(signed(cfg.act_bits))
         m.d.sync += [r.eq(p.data) for r, p in zip(mraw, mrd)]
         m.d.sync += [r.eq(p.data) for r, p in zip(graw, grd)]
+        # the port's word is chosen from these registers, not from the banks' outputs
+        port_sel = [Signal(max(1, LP), name=f"port_sel{t}") for t in range(2)]
+        m.d.sync += [port_sel[0].eq(bank_of(self.mem_addr)), port_sel[1].eq(port_sel[0])]
+        m.d.comb += [self.mem_rmaster.eq(Array(mraw)[port_sel[1]]),
+                     self.mem_rgrad.eq(Array(graw)[port_sel[1]])]
         m.d.sync += [h2.eq(hr.data), e2.eq(er.data),
                      xv2.eq(Mux(op1.op == _Op.DA, xr.data, x1))]
         # T2: compute copies, operand select; lane j is bank j, and a lane outside the

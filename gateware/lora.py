@@ -66,7 +66,8 @@ class LoraEngine(wiring.Component):
         Strobe, passed to `AdapterDatapath`: zero every accumulator.
     mem_addr, mem_re, mem_we, mem_clr, mem_wdata, mem_rmaster, mem_rgrad
         `AdapterDatapath`'s memory port (masters and accumulators at their packed
-        addresses), passed through while no update runs (ignored during one).
+        addresses, read in two cycles), passed through while no update runs (ignored
+        during one).
     pred_valid : Out(1),  pred : Out(class_bits),  correct : Out(1)
         A one-cycle pulse per sample, as its last gradient leaves the loss unit: the
         prediction ``argmax(z)`` (ties to the lowest class) and whether it is the label.
@@ -103,8 +104,8 @@ class LoraEngine(wiring.Component):
 
     The update of ``N = sum_l (d_l r + r C)`` weights issues one weight per cycle (a jump
     over padding costs nothing): master, accumulator, ``M`` and ``V`` read (and the
-    accumulator cleared) in cycle ``t``, the beat in `UpdateUnit` at ``t + 1``, the result
-    written back at the same address ``LATENCY`` cycles later; ``N + LATENCY + 1`` cycles
+    accumulator cleared) in cycle ``t``, the beat in `UpdateUnit` at ``t + 2``, the result
+    written back at the same address ``LATENCY`` cycles later; ``N + LATENCY + 2`` cycles
     (``upd_cycles``). It starts one cycle after the ``update`` strobe, or after the last
     sample's gradients if they are still in flight. The update unit's output is never
     stalled, so it needs no buffer.
@@ -212,18 +213,23 @@ class LoraEngine(wiring.Component):
         col_end = col == cols_n - 1
         last_w = isb & (l == n_layers - 1) & row_end & col_end
 
-        # stage 1: the words read in the previous cycle enter the update unit
-        v1, last1 = Signal(), Signal()
-        fs1 = Signal(signed(FSHIFT_BITS))
+        # stage 2: the words read two cycles before enter the update unit (the adapter's
+        # port takes two cycles; the moments' words are registered to match, which also
+        # keeps their block RAM's output off the update unit's first stage)
+        v1, last1, v2, last2 = Signal(), Signal(), Signal(), Signal()
+        fs1, fs2 = Signal(signed(FSHIFT_BITS)), Signal(signed(FSHIFT_BITS))
+        m2, v2_word = Signal.like(mr.data), Signal.like(vr.data)
+        m.d.sync += [v2.eq(v1), last2.eq(last1), fs2.eq(fs1), m2.eq(mr.data),
+                     v2_word.eq(vr.data)]
         ui = upd.i_stream
         m.d.comb += [
-            ui.valid.eq(v1),
+            ui.valid.eq(v2),
             ui.payload.w.eq(ad.mem_rmaster),
-            ui.payload.m.eq(mr.data),
-            ui.payload.v.eq(vr.data),
+            ui.payload.m.eq(m2),
+            ui.payload.v.eq(v2_word),
             ui.payload.d.eq(ad.mem_rgrad),          # sign-extended to DW_BITS
-            ui.payload.fshift.eq(fs1),
-            ui.payload.last.eq(last1),
+            ui.payload.fshift.eq(fs2),
+            ui.payload.last.eq(last2),
         ]
         # the output is never stalled, so ui.ready is always high
         uo = upd.o_stream
@@ -237,9 +243,9 @@ class LoraEngine(wiring.Component):
         m.d.sync += rmask.eq(row_mask(rank, max(1, LP)))
         next_line = align_up(rptr + 1, Const(P - 1, LP), LP)
         next_row = align_up(rptr + 1, rmask, LP)
-        # each result is written where its weight was read, LATENCY + 1 cycles earlier
-        wq = [Signal(self._aw, name=f"wq{i}") for i in range(LATENCY + 1)]
-        m.d.sync += [wq[0].eq(rptr)] + [wq[i].eq(wq[i - 1]) for i in range(1, LATENCY + 1)]
+        # each result is written where its weight was read, LATENCY + 2 cycles earlier
+        wq = [Signal(self._aw, name=f"wq{i}") for i in range(LATENCY + 2)]
+        m.d.sync += [wq[0].eq(rptr)] + [wq[i].eq(wq[i - 1]) for i in range(1, LATENCY + 2)]
         wptr = wq[-1]
 
         upd_pending = Signal()

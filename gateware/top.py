@@ -251,11 +251,12 @@ class Accelerator(wiring.Component):
             m.d.comb += act8.word_select(j, 8).eq(engine.rd_data.word_select(j, 16)[:8])
         words = {Region.REGS: rd_reg, Region.PROGRAM: prog_r.data, Region.SAMPLES: smp_r.data,
                  Region.LABELS: lab_r.data, Region.RESULTS: res_r.data,
-                 Region.ADAPTERS: ad.mem_rmaster,
                  Region.ACT: _chunk(act8, rd_chunk, chunk_bits(Region.ACT, cfg)),
                  Region.LOGITS: _chunk(engine.rd_data, rd_chunk, chunk_bits(Region.LOGITS, cfg))}
         held = {r: Signal(32, name=f"rd_{r.name.lower()}") for r in words}
         m.d.sync += [held[r].eq(w) for r, w in words.items()]
+        # the adapters' port registers its banks' words itself: its word is out in cycle 2
+        held[Region.ADAPTERS] = ad.mem_rmaster
         rd2_region = Signal(Region)
         rd2_refused = Signal()
         m.d.sync += [self.rvalid.eq(rd_valid), rd2_region.eq(rd_region), rd2_refused.eq(rd_refused)]

@@ -59,14 +59,16 @@ class Adapter:
         self.dut.mem_we.value = 0
 
     async def read(self, count):
-        """(masters, grads) as flat lists, one word per cycle through the port."""
+        """(masters, grads) as flat lists, one word per cycle through the port (a word
+        is out two cycles after its address)."""
         ms, gs = [], []
         self.dut.mem_re.value = 1
-        for a in range(count):
-            self.dut.mem_addr.value = a
+        for a in range(count + 1):
+            self.dut.mem_addr.value = min(a, count - 1)
             await FallingEdge(self.dut.clk)          # the word of the address set before
-            ms.append(self.dut.mem_rmaster.value.to_signed())
-            gs.append(self.dut.mem_rgrad.value.to_signed())
+            if a:
+                ms.append(self.dut.mem_rmaster.value.to_signed())
+                gs.append(self.dut.mem_rgrad.value.to_signed())
         self.dut.mem_re.value = 0
         return ms, gs
 

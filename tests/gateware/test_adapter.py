@@ -95,7 +95,7 @@ def rtl_adapter(s_x, xs, base, y, masters, cfg, idle=0.0, stall=0.0, seed=0):
         for a, w in enumerate(flat):
             ctx.set(dut.mem_addr, a)
             ctx.set(dut.mem_re, 1)
-            await ctx.tick()
+            await ctx.tick().repeat(2)               # the port takes two cycles
             assert ctx.get(dut.mem_rmaster) == w, f"master {a}"
         ctx.set(dut.mem_re, 0)
         for n in range(base.shape[0]):
@@ -154,7 +154,7 @@ def rtl_adapter(s_x, xs, base, y, masters, cfg, idle=0.0, stall=0.0, seed=0):
         for a in range(len(flat)):
             ctx.set(dut.mem_addr, a)
             ctx.set(dut.mem_re, 1)
-            await ctx.tick()
+            await ctx.tick().repeat(2)
             grads_flat.append(ctx.get(dut.mem_rgrad))
         ctx.set(dut.mem_re, 0)
 

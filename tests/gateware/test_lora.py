@@ -114,7 +114,7 @@ def rtl_lora(s_x, batches, masters, lr, seed, cfg, idle=0.0, rng_seed=0, overlap
             ctx.set(dut.mem_re, 1)
             for a in range(len(flat)):
                 ctx.set(dut.mem_addr, a)
-                await ctx.tick()
+                await ctx.tick().repeat(2)           # the port takes two cycles
                 got.append(ctx.get(dut.mem_rmaster))
                 assert ctx.get(dut.mem_rgrad) == 0, f"accumulator {a} not cleared"
             ctx.set(dut.mem_re, 0)
@@ -148,7 +148,7 @@ def sample_cycles(n, L, r, C, P):
 @pytest.mark.parametrize("idle", [0.0, 0.3], ids=["full-rate", "bubbles"])
 def test_lora_amaranth(idle):
     """Three batches of two samples, three updates: masters, predictions and the LFSR
-    bit-exact after every update; the update takes N + LATENCY + 1 cycles, a sample at
+    bit-exact after every update; the update takes N + LATENCY + 2 cycles, a sample at
     full rate `sample_cycles`."""
     s_x, batches, masters = tiny_batches(11)
     lr, seed = 0.01, 0
@@ -159,7 +159,7 @@ def test_lora_amaranth(idle):
         assert_array_equal(g_m, w_m, err_msg=f"masters after update {k}")
         assert g_corr == int((np.array(w_pred) == batches[k][2]).sum())
         assert g_lfsr == w_lfsr
-        assert upd == n_w + LATENCY + 1
+        assert upd == n_w + LATENCY + 2
         if not idle:
             xs, base, y = batches[k]
             assert fwd == len(y) * sample_cycles(sum(x.shape[1] for x in xs), len(xs),
@@ -178,7 +178,7 @@ def test_lora_overlap():
     assert len(got) == 1
     assert_array_equal(got[0][0], want[-1][0])
     assert got[0][1] == sum(int((np.array(w[1]) == b[2]).sum()) for w, b in zip(want, batches))
-    assert got[0][3] == 3 * (sum(a.size + b.size for a, b in masters) + LATENCY + 1)
+    assert got[0][3] == 3 * (sum(a.size + b.size for a, b in masters) + LATENCY + 2)
     assert got[0][4] == want[-1][2]
 
 
