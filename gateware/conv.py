@@ -90,10 +90,12 @@ class ConvUnit(wiring.Component):
             m.d.sync += draining.eq(0)
 
         # ------------------------------------------------- pixel walk (one per cycle)
+        # the walk's counters count down to zero, so that which step comes next is
+        # decided by zero tests, not by comparisons in series with the address adder
         st = Signal(_Pixel)
-        st_dx, st_dy = Signal(2), Signal(2)
-        st_px = Signal(8)
-        st_slot = Signal(16)
+        dx_left, dy_left = Signal(2), Signal(2)     # pool_w - 1 - dx, pool_h - 1 - dy
+        px_left = Signal(8)                         # wp - 1 - px
+        slot_left = Signal(16)                      # tiles * R - 1 - slot
         chain = [Signal(_Pixel, name=f"nxt{r}") for r in range(R)]
         cur = [Signal(_Pixel, name=f"cur{r}") for r in range(R)]
         produced = Signal(range(R + 1))
@@ -102,36 +104,41 @@ class ConvUnit(wiring.Component):
         produce = feeding & (produced < R)
         # in_base is folded into the walk's addresses, so that a read address is one sum
         # (pixel + step offset) after the pixel's mux
+        def walk_start(desc):
+            return [st.ih0.eq(-desc.pad_h), st.iw0.eq(-desc.pad_w),
+                    st.addr.eq(desc.addr0 + desc.in_base),
+                    dx_left.eq(desc.pool_w - 1), dy_left.eq(desc.pool_h - 1),
+                    px_left.eq(desc.wp - 1), slot_left.eq(desc.tiles * R - 1)]
+
         with m.If(begin):
-            m.d.sync += [st.ih0.eq(-self.desc.pad_h), st.iw0.eq(-self.desc.pad_w),
-                         st.addr.eq(self.desc.addr0 + self.desc.in_base),
-                         st_dx.eq(0), st_dy.eq(0), st_px.eq(0), st_slot.eq(0), produced.eq(0)]
+            m.d.sync += walk_start(self.desc)
+            m.d.sync += produced.eq(0)
         with m.Elif(produce):
             m.d.sync += [chain[R - 1].eq(st), produced.eq(produced + 1)]
             m.d.sync += [chain[r].eq(chain[r + 1]) for r in range(R - 1)]
             kind = Signal(2)
-            with m.If(st_dx + 1 < d.pool_w):
+            with m.If(dx_left != 0):
                 m.d.comb += kind.eq(0)
-                m.d.sync += st_dx.eq(st_dx + 1)
-            with m.Elif(st_dy + 1 < d.pool_h):
+                m.d.sync += dx_left.eq(dx_left - 1)
+            with m.Elif(dy_left != 0):
                 m.d.comb += kind.eq(1)
-                m.d.sync += [st_dx.eq(0), st_dy.eq(st_dy + 1)]
-            with m.Elif(st_px + 1 < d.wp):
+                m.d.sync += [dx_left.eq(d.pool_w - 1), dy_left.eq(dy_left - 1)]
+            with m.Elif(px_left != 0):
                 m.d.comb += kind.eq(2)
-                m.d.sync += [st_dx.eq(0), st_dy.eq(0), st_px.eq(st_px + 1)]
+                m.d.sync += [dx_left.eq(d.pool_w - 1), dy_left.eq(d.pool_h - 1),
+                             px_left.eq(px_left - 1)]
             with m.Else():
                 m.d.comb += kind.eq(3)
-                m.d.sync += [st_dx.eq(0), st_dy.eq(0), st_px.eq(0)]
-            with m.If(st_slot == d.tiles * R - 1):
+                m.d.sync += [dx_left.eq(d.pool_w - 1), dy_left.eq(d.pool_h - 1),
+                             px_left.eq(d.wp - 1)]
+            with m.If(slot_left == 0):
                 # the walk restarts for the next output group
-                m.d.sync += [st.ih0.eq(-d.pad_h), st.iw0.eq(-d.pad_w),
-                             st.addr.eq(d.addr0 + d.in_base),
-                             st_dx.eq(0), st_dy.eq(0), st_px.eq(0), st_slot.eq(0)]
+                m.d.sync += walk_start(d)
             with m.Else():
                 m.d.sync += [st.ih0.eq(st.ih0 + d.step_ih[kind]),
                              st.iw0.eq(st.iw0 + d.step_iw[kind]),
                              st.addr.eq(st.addr + d.step_addr[kind]),
-                             st_slot.eq(st_slot + 1)]
+                             slot_left.eq(slot_left - 1)]
         with m.If(tile_start):
             m.d.sync += [cur[r].eq(chain[r]) for r in range(R)]
             m.d.sync += produced.eq(0)
