@@ -18,11 +18,10 @@ RAM
 The line RAM is two 8-bit banks (even and odd byte addresses) of ``ceil(cache_samples *
 stride / 2)`` bytes each, so that one int16 logit (two bytes, at any byte address) is
 written or read in one cycle and one activation goes through per cycle at both widths.
-Each bank (:class:`ByteBank`) is cut into segments of 16 KiB, eight DP16KD side by side
-in their 16384 x 1 mode (no cascade multiplexer behind the block RAM outputs), each
-segment's output registered before one multiplexer picks the segment: an ECP5 DP16KD
-without its output register has a clock-to-out of about 6 ns, and a 68-block cascade
-behind it ran at 41-48 MHz. 16 Kbit of every DP16KD are used, so a bank takes
+Each bank is a `gateware.segmented.SegmentedRAM`: segments of 16 KiB, eight DP16KD side
+by side in their 16384 x 1 mode, each segment's output registered before one multiplexer
+picks the segment (a 68-block cascade behind the DP16KD outputs ran at 41-48 MHz).
+16 Kbit of every DP16KD are used, so a bank takes
 ``ceil(bank_bytes / 2048)`` DP16KD (:func:`dp16kd_count`; the default configuration:
 136). The valid bits live in a separate ``cache_samples`` x 1 memory (one more DP16KD
 at 512 lines), read transparently for the fill's write port.
@@ -115,12 +114,12 @@ from firmware.isa import cache_layer_layout as layer_layout
 from firmware.isa import cache_setup_layout as setup_layout
 
 from .layouts import fill_layout, index_bits, read_layout, request_layout
+from .segmented import SegmentedRAM
 
-__all__ = ["ActivationCache", "ByteBank", "setup_layout",
+__all__ = ["ActivationCache", "setup_layout",
            "line_stride", "dp16kd_count", "four_bit_code"]
 
 READ_FIFO_DEPTH = 5            # in flight: issue, RAM, segment register; 1 beat/cycle
-SEGMENT_BYTES = 16384          # eight DP16KD in 16384 x 1 mode
 DP16KD_BYTES = 2048            # 16 Kbit of data per DP16KD in every mode used here
 
 
@@ -133,83 +132,15 @@ def _bank_bytes(cfg):
     return (cfg.cache_samples * line_stride(cfg) + 1) // 2
 
 
-def _segments(depth):
-    """Depths of the segments of a bank of ``depth`` bytes."""
-    full, rest = divmod(depth, SEGMENT_BYTES)
-    return [SEGMENT_BYTES] * full + ([rest] if rest else [])
-
-
 def dp16kd_count(cfg):
     """DP16KD blocks of the line RAM (two banks), the valid bits not included."""
-    return 2 * sum(-(-d // DP16KD_BYTES) for d in _segments(_bank_bytes(cfg)))
+    return 2 * -(-_bank_bytes(cfg) // DP16KD_BYTES)     # a segment is whole DP16KD
 
 
 def _mul_const(value, k):
     """``value * k`` for a constant ``k`` as shifts and adds (no multiplier block)."""
     terms = [value << i for i in range(k.bit_length()) if (k >> i) & 1]
     return sum(terms[1:], terms[0]) if terms else C(0)
-
-
-class ByteBank(wiring.Component):
-    """``depth`` bytes of block RAM in segments of 16 KiB with registered outputs.
-
-    Members
-    -------
-    w_addr, w_data, w_en : In
-        Write ``w_data`` at ``w_addr`` in the cycle ``w_en`` is high.
-    r_addr : In
-        Read address; no enable, a read every cycle.
-    r_data : Out(8)
-        The byte at the ``r_addr`` of two cycles before (cycle 1: the block RAM; cycle 2:
-        the segment registers, then a multiplexer by the registered segment number). A
-        write and a read of the same byte in one cycle read the old byte.
-
-    Attributes
-    ----------
-    segments : tuple of MemoryData
-        Byte ``a`` is ``segments[a // 16384][a % 16384]`` (`location`), for testbenches.
-    """
-
-    def __init__(self, depth):
-        self._depth = depth
-        self.segments = tuple(MemoryData(shape=8, depth=d, init=[]) for d in _segments(depth))
-        super().__init__({
-            "w_addr": In(range(depth)),
-            "w_data": In(8),
-            "w_en":   In(1),
-            "r_addr": In(range(depth)),
-            "r_data": Out(8),
-        })
-
-    def location(self, addr):
-        return self.segments[addr // SEGMENT_BYTES], addr % SEGMENT_BYTES
-
-    def elaborate(self, platform):
-        m = Module()
-        n = len(self.segments)
-        low = ceil_log2(SEGMENT_BYTES) if n > 1 else len(self.w_addr)
-        q = []
-        for g, seg in enumerate(self.segments):
-            mem = m.submodules[f"seg{g}"] = Memory(data=seg)
-            wp, rp = mem.write_port(), mem.read_port()
-            q.append(Signal(8, name=f"seg{g}_q", reset_less=True))     # no LUT before it
-            m.d.comb += [
-                wp.addr.eq(self.w_addr[:low]),
-                wp.data.eq(self.w_data),
-                wp.en.eq(self.w_en & (self.w_addr[low:] == g)),
-                rp.addr.eq(self.r_addr[:low]),
-            ]
-            m.d.sync += q[g].eq(rp.data)
-        if n == 1:
-            m.d.comb += self.r_data.eq(q[0])
-        else:
-            sel1, sel2 = Signal(range(n), reset_less=True), Signal(range(n), reset_less=True)
-            m.d.sync += [sel1.eq(self.r_addr[low:]), sel2.eq(sel1)]
-            with m.Switch(sel2):
-                for g in range(n):
-                    with m.Case(g):
-                        m.d.comb += self.r_data.eq(q[g])
-        return m
 
 
 class _Walker:
@@ -322,7 +253,7 @@ class ActivationCache(wiring.Component):
 
     Attributes
     ----------
-    banks : (ByteBank, ByteBank)
+    banks : (SegmentedRAM, SegmentedRAM)
         The even and odd bytes; `byte_location` maps a byte address to its memory row,
         for testbenches.
     valid_data : MemoryData
@@ -334,7 +265,7 @@ class ActivationCache(wiring.Component):
             raise ValueError(f"the cache stores int16 logits; logit_bits is {cfg.logit_bits}")
         self._cfg = cfg
         self._stride = line_stride(cfg)
-        self.banks = (ByteBank(_bank_bytes(cfg)), ByteBank(_bank_bytes(cfg)))
+        self.banks = (SegmentedRAM(8, _bank_bytes(cfg)), SegmentedRAM(8, _bank_bytes(cfg)))
         self.valid_data = MemoryData(shape=1, depth=cfg.cache_samples, init=[])
         super().__init__({
             "setup":          In(setup_layout(cfg)),
