@@ -25,7 +25,8 @@ __all__ = ["GatherUnit", "sample_byte_bits"]
 
 # Entries of the read-ahead FIFOs: the entries in the read pipeline and the one leaving
 # are all counted against it, so the pipeline's stages plus 2 keep one per cycle. MOVE's
-# words: the RAM and a register; GATHER's beats: the RAM, the word and the lane registers.
+# words: the RAM and the sample memory's segment register; GATHER's beats: the RAM, the
+# word and the lane registers.
 WORD_FIFO_DEPTH = 4
 BEAT_FIFO_DEPTH = 5
 SAMPLE_WORD_BYTES = 4           # the sample memory: 32-bit words, little end first
@@ -107,8 +108,9 @@ class GatherUnit(wiring.Component):
         the (i, j, c) order.
     smp_addr : Out(sample_byte_bits - 2),  smp_data : In(32)
         Read port of the sample memory (32-bit words, byte ``a`` in bits ``8 * (a % 4)``
-        up of word ``a // 4``): ``smp_data`` is the word at the ``smp_addr`` of the
-        previous cycle. Read every cycle, no enable.
+        up of word ``a // 4``): ``smp_data`` is the word at the ``smp_addr`` of two
+        cycles before, from a register and a multiplexer (`gateware.segmented`). Read
+        every cycle, no enable.
     load : Out(stream.Signature(``gateware.layer_engine.load_layout(C, acc_bits)``))
         MOVE's writes: ``mem`` = MEM_ACT, pixel ``p``'s word ``g`` at ``base_0 + p *
         groups_0 + g``, lanes past ``tail_0`` in a pixel's last word zero. The layer
@@ -142,7 +144,7 @@ class GatherUnit(wiring.Component):
     Timing
     ------
     - MOVE: the sample's words are read in order from the cycle of the strobe on (the
-      strobe's ``src`` addresses the first), registered, and queued in a 4-word FIFO
+      strobe's ``src`` addresses the first) and queued in a 4-word FIFO
       on credit; the first is at its head 3 cycles after the strobe. From then on each
       cycle takes the bytes of the head word that belong to the current activation
       word (up to 4, fewer at the end of either), and the activation word is on
@@ -217,22 +219,20 @@ class GatherUnit(wiring.Component):
 
         # ------------------------------------------------------------ MOVE: fetch
         # A sample is stored compactly, so MOVE reads its words in order: they are read
-        # ahead into a FIFO, the memory's output going straight into a register (a deep
-        # memory's output multiplexer is slow), on credit as GATHER's elements are.
+        # ahead into a FIFO on credit, as GATHER's elements are.
         m.submodules.words = words = SyncFIFO(width=8 * SAMPLE_WORD_BYTES, depth=WORD_FIFO_DEPTH)
         fetching = Signal()
         f_addr = Signal(len(self.smp_addr))
-        f1, f2 = Signal(), Signal()                     # a word on smp_data; in smp_q
-        smp_q = Signal(8 * SAMPLE_WORD_BYTES)
+        f1, f2 = Signal(), Signal()                     # a word in the RAM; on smp_data
         f_credit = words.level + f1 + f2 < WORD_FIFO_DEPTH
         f_issue = fetching & f_credit
         move_strobe = ~self.busy & self.move            # a MOVE is taken (see "strobes")
         # idle, the strobe's ``src`` is addressed: its word is read in the strobe's cycle
         m.d.comb += self.smp_addr.eq(Mux(fetching, f_addr, self.src[2:]))
-        m.d.sync += [f1.eq(f_issue | move_strobe), f2.eq(f1), smp_q.eq(self.smp_data)]
+        m.d.sync += [f1.eq(f_issue | move_strobe), f2.eq(f1)]
         with m.If(f_issue):
             m.d.sync += f_addr.eq(f_addr + 1)
-        m.d.comb += [words.w_data.eq(smp_q), words.w_en.eq(f2),
+        m.d.comb += [words.w_data.eq(self.smp_data), words.w_en.eq(f2),
                      fetched.eq(f1 | f2 | words.r_rdy)]
 
         # ------------------------------------------------------------ MOVE: merge

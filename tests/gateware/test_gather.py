@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from amaranth.hdl import Module, Mux
 from amaranth.lib import stream, wiring
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In
 from amaranth.sim import Simulator
 
@@ -24,6 +23,7 @@ from firmware.layers import (ADDR_BITS, from_words, pack_activations, pack_biase
 from gateware.config import DEFAULT
 from gateware.gather import GatherUnit
 from gateware.layer_engine import MEM_ACT, MEM_BIAS, LayerEngine, load_layout
+from gateware.segmented import SegmentedRAM
 from sim.fixed_model import cache_format
 from sim.network import Layer
 from tests.gateware.amaranth_streams import pulse
@@ -55,12 +55,11 @@ class Bench(wiring.Component):
         m = Module()
         m.submodules.gu = gu = self.gu
         m.submodules.engine = engine = self.engine
-        m.submodules.smp = smp = Memory(shape=32, depth=len(self._words), init=self._words)
-        rp = smp.read_port()
+        m.submodules.smp = smp = SegmentedRAM(32, len(self._words), init=self._words)
         go = gu.load.valid & ~self.stall
         m.d.comb += [
-            rp.addr.eq(gu.smp_addr),
-            gu.smp_data.eq(rp.data),
+            smp.r_addr.eq(gu.smp_addr),
+            gu.smp_data.eq(smp.r_data),
             engine.load.valid.eq(go | self.host.valid),
             engine.load.payload.eq(Mux(go, gu.load.payload, self.host.payload)),
             gu.load.ready.eq(engine.load.ready & ~self.stall),
