@@ -18,6 +18,7 @@ from .gather import GatherUnit
 from .layer_engine import MEM_ACT, MEM_BIAS, MEM_LOGIT, MEM_WEIGHT, LayerEngine
 from .layouts import class_bits, sample_layout
 from .lora import LoraEngine
+from .segmented import SegmentedRAM
 from .sequencer import Sequencer
 from .skid import SkidBuffer
 
@@ -95,15 +96,18 @@ class Accelerator(wiring.Component):
             return mem.write_port(), mem.read_port()
 
         prog_w, prog_r = memory("program", 32, cfg.program_words)
-        smp_w, smp_r = memory("samples", 32, cfg.sample_words // 4)
         lab_w, lab_r = memory("labels", class_bits(cfg), cfg.max_samples)
         res_w, res_r = memory("results", RESULT_BITS, cfg.max_samples)
-        for port, reg in ((prog_w, Region.PROGRAM), (smp_w, Region.SAMPLES), (lab_w, Region.LABELS)):
+        for port, reg in ((prog_w, Region.PROGRAM), (lab_w, Region.LABELS)):
             m.d.comb += [port.addr.eq(offset), port.data.eq(self.wdata),
                          port.en.eq(host_we & (region == reg))]
+        # the samples fill most of the block RAM: its read takes two cycles
+        m.submodules.samples = smp = SegmentedRAM(32, cfg.sample_words // 4)
+        m.d.comb += [smp.w_addr.eq(offset), smp.w_data.eq(self.wdata),
+                     smp.w_en.eq(host_we & (region == Region.SAMPLES))]
         m.d.comb += [
             prog_r.addr.eq(Mux(running, seq.prog_addr, offset)), seq.prog_data.eq(prog_r.data),
-            smp_r.addr.eq(Mux(running, gather.smp_addr, offset)), gather.smp_data.eq(smp_r.data),
+            smp.r_addr.eq(Mux(running, gather.smp_addr, offset)), gather.smp_data.eq(smp.r_data),
             lab_r.addr.eq(Mux(running, seq.index, offset)),
             res_r.addr.eq(offset),
         ]
@@ -210,9 +214,8 @@ class Accelerator(wiring.Component):
                      ad.mem_re.eq(host_re & (region == Region.ADAPTERS))]
 
         # --- host reads: the word is on rdata 2 cycles after re ----------------------------
-        # cycle 1: the memories' words and the register the registered offset selects;
-        # each goes straight into a register of its own (a deep memory's output
-        # multiplexer is slow), cycle 2: the region's word is chosen
+        # cycle 1: the memories' words and the registers' go straight into registers (a
+        # deep memory's output multiplexer is slow), cycle 2: the region's word is chosen
         rd_region = Signal(Region)
         rd_chunk = Signal(OFFSET_BITS)
         rd_reg = Signal(32)
@@ -241,21 +244,37 @@ class Accelerator(wiring.Component):
             Regs.CACHE_HITS: cache.hits, Regs.CACHE_MISSES: cache.misses, Regs.LFSR: lora.lfsr,
             **counters,
         }
-        with m.Switch(rd_chunk):
-            for r, value in regs.items():
-                with m.Case(r):
-                    m.d.comb += rd_reg.eq(value)
+        # the registers come from all over the chip: in cycle 1 each group of four gives
+        # its word into a register, in cycle 2 the group's word is chosen
+        n_groups = -(-(max(regs) + 1) // 4)
+        rd_groups = [Signal(32, name=f"rd_regs{g}") for g in range(n_groups)]
+        for g, group in enumerate(rd_groups):
+            m.d.sync += group.eq(0)
+            with m.Switch(rd_chunk[:2]):
+                for r, value in regs.items():
+                    if r // 4 == g:
+                        with m.Case(r % 4):
+                            m.d.sync += group.eq(value)
+        rd2_chunk = Signal(OFFSET_BITS)
+        m.d.sync += rd2_chunk.eq(rd_chunk)
+        with m.Switch(rd2_chunk[2:]):
+            for g, group in enumerate(rd_groups):
+                with m.Case(g):
+                    m.d.comb += rd_reg.eq(group)
 
         act8 = Signal(8 * C)
         for j in range(C):
             m.d.comb += act8.word_select(j, 8).eq(engine.rd_data.word_select(j, 16)[:8])
-        words = {Region.REGS: rd_reg, Region.PROGRAM: prog_r.data, Region.SAMPLES: smp_r.data,
+        words = {Region.PROGRAM: prog_r.data,
                  Region.LABELS: lab_r.data, Region.RESULTS: res_r.data,
                  Region.ACT: _chunk(act8, rd_chunk, chunk_bits(Region.ACT, cfg)),
                  Region.LOGITS: _chunk(engine.rd_data, rd_chunk, chunk_bits(Region.LOGITS, cfg))}
         held = {r: Signal(32, name=f"rd_{r.name.lower()}") for r in words}
         m.d.sync += [held[r].eq(w) for r, w in words.items()]
-        # the adapters' port registers its banks' words itself: its word is out in cycle 2
+        # the registers, the samples and the adapters' port have registered their words
+        # in cycle 1 themselves
+        held[Region.REGS] = rd_reg
+        held[Region.SAMPLES] = smp.r_data
         held[Region.ADAPTERS] = ad.mem_rmaster
         rd2_region = Signal(Region)
         rd2_refused = Signal()
