@@ -43,7 +43,7 @@ class Accelerator(wiring.Component):
     -------
     addr, wdata, we, re, rdata, rvalid
         The host port (`firmware.memmap`). ``we`` writes ``wdata`` at ``addr`` in that
-        cycle; ``re`` reads ``addr``, whose word is on ``rdata`` with ``rvalid`` high 2
+        cycle (a CONTROL write reaches the sequencer in the next); ``re`` reads ``addr``, whose word is on ``rdata`` with ``rvalid`` high 2
         cycles later. One access per cycle, never stalled. While a program runs only
         REGS is served (other reads give 0, writes are dropped, both set REFUSED).
     running, done, error : Out(1)
@@ -183,9 +183,14 @@ class Accelerator(wiring.Component):
                      res_w.en.eq(lora.pred_valid & (result_ptr < cfg.max_samples))]
 
         # --- host writes -------------------------------------------------------------------
+        # a CONTROL write reaches the sequencer a cycle later, so that the host's address
+        # decode lies on no path into its state
+        start, abort, entry = Signal(), Signal(), Signal.like(seq.entry)
+        m.d.sync += [start.eq(0), abort.eq(0)]
+        m.d.comb += [seq.start.eq(start), seq.abort.eq(abort), seq.entry.eq(entry)]
         with m.If(self.we & (region == Region.REGS) & (offset == Regs.CONTROL)):
-            m.d.comb += [seq.start.eq(self.wdata[0] & ~running), seq.abort.eq(self.wdata[1]),
-                         seq.entry.eq(self.wdata[16:])]
+            m.d.sync += [start.eq(self.wdata[0] & ~running), abort.eq(self.wdata[1]),
+                         entry.eq(self.wdata[16:])]
             with m.If(self.wdata[0] & ~running):
                 m.d.sync += refused.eq(0)
 
