@@ -8,7 +8,7 @@ the fine-tuning step of Skip2-LoRA, with the shift-Adam moments of every adapter
 Nothing here is imported from ``sim/``.
 """
 
-from amaranth import Const, Module, Mux, Signal, signed, unsigned
+from amaranth import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -16,7 +16,7 @@ from amaranth.utils import ceil_log2
 
 from firmware.isa import FSHIFT_BITS, lora_setup_layout
 
-from .adapter import AdapterDatapath, align_up, master_port, row_mask
+from .adapter import AdapterDatapath, master_port, row_mask
 from .config import DEFAULT, AccelConfig
 from .layouts import class_bits, sample_layout
 from .loss import LossUnit
@@ -199,19 +199,20 @@ class LoraEngine(wiring.Component):
                 m.d.sync += self.upd_cycles.eq(self.upd_cycles + 1)
 
         # --- the update walk -------------------------------------------------------------
+        # The rows and columns left count down to zero and the last layer is a flag, so
+        # that the walk's next address hangs off zero tests, not off the layer table's
+        # multiplexer and compares.
         lbits = range(cfg.max_layers + 1)
         l = Signal(lbits)
+        l_last = Signal()                               # l == n_layers - 1
         isb = Signal()
-        row = Signal(range(max(cfg.max_adapter_in, cfg.max_rank) + 1))
-        col = Signal(range(max(cfg.max_rank, cfg.max_classes) + 1))
+        row_left = Signal(range(max(cfg.max_adapter_in, cfg.max_rank) + 1))
+        col_left = Signal(range(max(cfg.max_rank, cfg.max_classes) + 1))
         rptr = Signal(self._aw)
-        layer = setup.layers[l]
         fs = self.setup.fshift[l]
-        rows_n = Mux(isb, rank, layer.size)
-        cols_n = Mux(isb, classes, rank)
-        row_end = row == rows_n - 1
-        col_end = col == cols_n - 1
-        last_w = isb & (l == n_layers - 1) & row_end & col_end
+        row_end = row_left == 0
+        col_end = col_left == 0
+        last_w = isb & l_last & row_end & col_end
 
         # stage 2: the words read two cycles before enter the update unit (the adapter's
         # port takes two cycles; the moments' words are registered to match, which also
@@ -241,8 +242,9 @@ class LoraEngine(wiring.Component):
         P, LP = cfg.adapter_lanes, ceil_log2(cfg.adapter_lanes)
         rmask = Signal(max(1, LP))
         m.d.sync += rmask.eq(row_mask(rank, max(1, LP)))
-        next_line = align_up(rptr + 1, Const(P - 1, LP), LP)
-        next_row = align_up(rptr + 1, rmask, LP)
+        # the first multiple of P (of R) above rptr, in one adder
+        next_line = (rptr | (P - 1)) + 1
+        next_row = (rptr | rmask) + 1
         # each result is written where its weight was read, LATENCY + 2 cycles earlier
         wq = [Signal(self._aw, name=f"wq{i}") for i in range(LATENCY + 2)]
         m.d.sync += [wq[0].eq(rptr)] + [wq[i].eq(wq[i - 1]) for i in range(1, LATENCY + 2)]
@@ -260,7 +262,9 @@ class LoraEngine(wiring.Component):
                     m.d.sync += sweep.eq(0)
                     m.next = "MRESET"
                 with m.Elif(upd_pending & ~ad.busy):
-                    m.d.sync += [l.eq(0), isb.eq(0), row.eq(0), col.eq(0), rptr.eq(0)]
+                    m.d.sync += [l.eq(0), l_last.eq(n_layers == 1), isb.eq(0),
+                                 row_left.eq(setup.layers[0].size - 1), col_left.eq(rank - 1),
+                                 rptr.eq(0)]
                     with m.If(n_layers == 0):
                         m.d.sync += upd_pending.eq(0)
                     with m.Else():
@@ -278,17 +282,21 @@ class LoraEngine(wiring.Component):
                 with m.Else():
                     m.d.sync += rptr.eq(next_row)
                 with m.If(col_end):
-                    m.d.sync += col.eq(0)
                     with m.If(row_end):
-                        m.d.sync += row.eq(0)
                         with m.If(isb):
-                            m.d.sync += [isb.eq(0), l.eq(l + 1)]
+                            # A of the next layer: its inputs' rows of rank columns
+                            m.d.sync += [isb.eq(0), l.eq(l + 1), l_last.eq(l + 2 == n_layers),
+                                         row_left.eq(setup.layers[l + 1].size - 1),
+                                         col_left.eq(rank - 1)]
                         with m.Else():
-                            m.d.sync += isb.eq(1)
+                            # B of this layer: rank rows of a column per class
+                            m.d.sync += [isb.eq(1), row_left.eq(rank - 1),
+                                         col_left.eq(classes - 1)]
                     with m.Else():
-                        m.d.sync += row.eq(row + 1)
+                        m.d.sync += [row_left.eq(row_left - 1),
+                                     col_left.eq(Mux(isb, classes, rank) - 1)]
                 with m.Else():
-                    m.d.sync += col.eq(col + 1)
+                    m.d.sync += col_left.eq(col_left - 1)
                 with m.If(last_w):
                     m.next = "DRAIN"
             with m.State("DRAIN"):
