@@ -39,7 +39,7 @@ from .config import DEFAULT, AccelConfig
 from .layouts import class_bits, ram_style, loss_in_layout, loss_out_layout, sample_layout
 
 __all__ = ["AdapterDatapath", "setup_layout", "master_port", "grad_bits", "row_mask",
-           "align_up", "H_SHIFT_BITS"]
+           "H_SHIFT_BITS"]
 
 
 def _signed_bits(bound):
@@ -67,16 +67,6 @@ def row_mask(rank, bits):
     """``R - 1`` in ``bits`` bits, ``R`` the rank rounded up to a power of two: the words a
     row of ``A_l`` takes in the ADAPTERS layout."""
     return Cat(*(rank > (1 << i) for i in range(bits)))
-
-
-def align_up(value, mask, bits):
-    """``value`` rounded up to a multiple of ``mask + 1``, a power of two of at most
-    ``bits`` bits: where the ADAPTERS layout starts a tensor (``mask = P - 1``) or a row
-    of ``A_l`` (``mask = R - 1``)."""
-    if not bits:
-        return value
-    up = value + mask
-    return Cat(up[:bits] & ~mask, up[bits:])
 
 
 def master_port(cfg, write_addr=False):
@@ -538,34 +528,51 @@ class AdapterDatapath(wiring.Component):
         cnt = Signal(range(P + 1))
         started = Signal()
         clear_pending = Signal()
-        size = setup.layers[l].size
-        layer_end = i == size - 1
-        row_end = i == rank - 1
-        last_layer = l == n_layers - 1
+        # The walk's end tests are flags, set whenever (l, i) moves, so that a step's
+        # controls hang off flip-flops rather than off the layer table's multiplexer and
+        # its compares: i == size_l - 1, i == rank - 1, l == n_layers - 1, l < n_layers.
+        layer_end, row_end, last_layer, in_layers = Signal(), Signal(), Signal(), Signal()
+
+        def walk_to(l_next, i_next, l_stays):
+            """(l, i) := (l_next, i_next): ``i_next`` is 0 or i + 1 (``l_stays``)."""
+            if l_stays:
+                size = setup.layers[l].size
+                return [i.eq(i_next), layer_end.eq(i + 2 == size), row_end.eq(i + 2 == rank)]
+            return [l.eq(l_next), i.eq(i_next),
+                    layer_end.eq(setup.layers[l_next].size == 1), row_end.eq(rank == 1),
+                    last_layer.eq(l_next + 1 == n_layers), in_layers.eq(l_next < n_layers)]
 
         def reset_walk(to_base_b):
-            stmts = [l.eq(0), i.eq(0), xptr.eq(0)]
+            stmts = walk_to(0, 0, False) + [xptr.eq(0)]
             stmts.append(ptr.eq(base_b[0] if to_base_b else 0))
             return stmts
 
         # the ADAPTERS layout (firmware.memmap.adapter_bases): rows of A_l R words apart,
-        # rows of B_l P words apart, each tensor at a multiple of P
-        b_next = align_up(ptr + rstride, Const(P - 1, LP), LP)
+        # rows of B_l P words apart, each tensor at a multiple of P. A row of A_l starts
+        # at a multiple of R, so the first multiple of P at or after its end is the
+        # first above its start: one adder; A_{l+1} follows B_l's rank rows of P words.
+        b_next = (ptr | (P - 1)) + 1
+        b_span = Signal(AW + 1)
+        m.d.sync += b_span.eq(rank << LP)
 
         def b_row_walk():
             """Advance over the rows of every B_l: (l, i = k)."""
             with m.If(row_end):
-                m.d.sync += [i.eq(0), l.eq(l + 1), ptr.eq(Array(base_b)[l + 1])]
+                m.d.sync += walk_to(l + 1, 0, False) + [ptr.eq(Array(base_b)[l + 1])]
             with m.Else():
-                m.d.sync += [i.eq(i + 1), ptr.eq(ptr + P)]
+                m.d.sync += walk_to(l, i + 1, True) + [ptr.eq(ptr + P)]
 
         def a_row_walk():
             """Advance over the rows of every A_l: (l, i), also the x pointer."""
             m.d.sync += xptr.eq(xptr + 1)
             with m.If(layer_end):
-                m.d.sync += [i.eq(0), l.eq(l + 1), ptr.eq(b_next + (rank << LP))]
+                m.d.sync += walk_to(l + 1, 0, False) + [ptr.eq(b_next + b_span)]
             with m.Else():
-                m.d.sync += [i.eq(i + 1), ptr.eq(ptr + rstride)]
+                m.d.sync += walk_to(l, i + 1, True) + [ptr.eq(ptr + rstride)]
+
+        # idle, the flags follow the setup (the FSM's steps below take precedence)
+        with m.If(~self.busy):
+            m.d.sync += walk_to(0, 0, False)
 
         src = self.i_stream
         gin = self.g_stream
@@ -578,7 +585,7 @@ class AdapterDatapath(wiring.Component):
                     m.d.comb += src.ready.eq(1)
                     with m.If(src.valid & src.ready):
                         m.d.sync += started.eq(1)
-                        with m.If(l < n_layers):
+                        with m.If(in_layers):
                             m.d.comb += [
                                 op0.eq(_Op.AMAC), start0.eq(ptr), count0.eq(rank),
                                 first0.eq(i == 0), last0.eq(layer_end), layer0.eq(l),
