@@ -242,8 +242,13 @@ class ConvUnit(wiring.Component):
         take = self.result.valid & enable & (bias_state == 3)
         m.d.comb += self.result.ready.eq(enable & (bias_state == 3))
 
-        pool_n = Signal(3)
-        m.d.comb += pool_n.eq(d.pool_h * d.pool_w)
+        # the window's last phase, pool_h * pool_w - 1 (1, 2 or 4 rows: R is a multiple),
+        # taken with the descriptor: shifts and an add, not a multiplier block on the path
+        # into every result's stage 1
+        pool_last = Signal(2)
+        ph, pw = self.desc.pool_h, self.desc.pool_w
+        with m.If(begin):
+            m.d.sync += pool_last.eq(Mux(pw[0], ph, 0) + Mux(pw[1], ph << 1, 0) - 1)
         phase = Signal(2)
         out_addr, out_group = Signal(ADDR_BITS), Signal(ADDR_BITS)
         # stage 1: bias (and the rounding half)
@@ -264,12 +269,12 @@ class ConvUnit(wiring.Component):
                          out_group.eq(self.desc.out_base)]
         with m.If(enable):
             keep = take & (o_slot < d.m_pix)
-            m.d.sync += [s1_valid.eq(keep), s1_emit.eq(phase == pool_n - 1),
+            m.d.sync += [s1_valid.eq(keep), s1_emit.eq(phase == pool_last),
                          s1_first.eq(phase == 0), s1_addr.eq(out_addr),
                          s1_last.eq((o_group == d.g_out - 1) & (o_slot == d.m_pix - 1))]
             m.d.sync += [s1_sum[j].eq(self.result.payload.c[j] + bias[j]) for j in range(C)]
             with m.If(keep):
-                with m.If(phase == pool_n - 1):
+                with m.If(phase == pool_last):
                     m.d.sync += [phase.eq(0), out_addr.eq(out_addr + d.g_out)]
                 with m.Else():
                     m.d.sync += phase.eq(phase + 1)
