@@ -70,7 +70,8 @@ class Device(wiring.Component):
         wiring.connect(m, link.tx, uart_tx.data)
         # the host port runs from the link to every unit and memory of the accelerator: a
         # register each way keeps the link's state machine and the accelerator's read
-        # multiplexer out of each other's timing paths (a read answers 2 cycles later)
+        # multiplexer out of each other's timing paths (a read answers 2 cycles later than
+        # the accelerator's 3)
         for name, member in host_port().items():
             a, l = getattr(accel, name), getattr(link, name)
             m.d.sync += a.eq(l) if member.flow == In else l.eq(a)

@@ -43,9 +43,10 @@ class Accelerator(wiring.Component):
     -------
     addr, wdata, we, re, rdata, rvalid
         The host port (`firmware.memmap`). ``we`` writes ``wdata`` at ``addr`` in that
-        cycle (a CONTROL write reaches the sequencer in the next); ``re`` reads ``addr``, whose word is on ``rdata`` with ``rvalid`` high 2
-        cycles later. One access per cycle, never stalled. While a program runs only
-        REGS is served (other reads give 0, writes are dropped, both set REFUSED).
+        cycle (a CONTROL write reaches the sequencer in the next); ``re`` reads ``addr``,
+        whose word is on ``rdata`` with ``rvalid`` high 3 cycles later. One access per
+        cycle, never stalled. While a program runs only REGS is served (other reads give
+        0, writes are dropped, both set REFUSED).
     running, done, error : Out(1)
         For status LEDs.
 
@@ -218,9 +219,10 @@ class Accelerator(wiring.Component):
                      ad.mem_we.eq(host_we & (region == Region.ADAPTERS)),
                      ad.mem_re.eq(host_re & (region == Region.ADAPTERS))]
 
-        # --- host reads: the word is on rdata 2 cycles after re ----------------------------
+        # --- host reads: the word is on rdata 3 cycles after re ----------------------------
         # cycle 1: the memories' words and the registers' go straight into registers (a
-        # deep memory's output multiplexer is slow), cycle 2: the region's word is chosen
+        # deep memory's output multiplexer is slow); cycle 2: each region's word into a
+        # register; cycle 3: the region's word is chosen
         rd_region = Signal(Region)
         rd_chunk = Signal(OFFSET_BITS)
         rd_reg = Signal(32)
@@ -277,16 +279,20 @@ class Accelerator(wiring.Component):
         held = {r: Signal(32, name=f"rd_{r.name.lower()}") for r in words}
         m.d.sync += [held[r].eq(w) for r, w in words.items()]
         # the registers, the samples and the adapters' port have registered their words
-        # in cycle 1 themselves
+        # in cycle 1 themselves, and choose one in cycle 2 (group, segment, bank)
         held[Region.REGS] = rd_reg
         held[Region.SAMPLES] = smp.r_data
         held[Region.ADAPTERS] = ad.mem_rmaster
-        rd2_region = Signal(Region)
-        rd2_refused = Signal()
-        m.d.sync += [self.rvalid.eq(rd_valid), rd2_region.eq(rd_region), rd2_refused.eq(rd_refused)]
-        with m.If(self.rvalid & ~rd2_refused):
-            with m.Switch(rd2_region):
-                for r, word in held.items():
+        held2 = {r: Signal(32, name=f"rd2_{r.name.lower()}") for r in held}
+        m.d.sync += [held2[r].eq(w) for r, w in held.items()]
+        rd2_valid, rd2_region, rd2_refused = Signal(), Signal(Region), Signal()
+        rd3_region, rd3_refused = Signal(Region), Signal()
+        m.d.sync += [rd2_valid.eq(rd_valid), rd2_region.eq(rd_region), rd2_refused.eq(rd_refused),
+                     self.rvalid.eq(rd2_valid), rd3_region.eq(rd2_region),
+                     rd3_refused.eq(rd2_refused)]
+        with m.If(self.rvalid & ~rd3_refused):
+            with m.Switch(rd3_region):
+                for r, word in held2.items():
                     with m.Case(r):
                         m.d.comb += self.rdata.eq(word)
         return m

@@ -27,7 +27,7 @@ MODES = os.environ.get("SKIPTUNE_TOP_MODES", "on,off").split(",")
 POLL = 5000
 
 
-READ_LATENCY = 2       # cycles from re to rvalid (gateware.top.Accelerator)
+READ_LATENCY = 3       # cycles from re to rvalid (gateware.top.Accelerator)
 
 
 class Port:
@@ -46,7 +46,7 @@ class Port:
         dut.we.value = 0
 
     async def read(self, addresses):
-        """One read per cycle; each word comes with ``rvalid`` exactly 2 cycles after its
+        """One read per cycle; each word comes with ``rvalid`` exactly 3 cycles after its
         ``re``."""
         dut, out, issued = self.dut, [], []
         cycle = 0
