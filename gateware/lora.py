@@ -111,9 +111,9 @@ class LoraEngine(wiring.Component):
     stalled, so it needs no buffer.
 
     Measured (tests/gateware/cocotb_lora.py, digits, rank 4: n = 288, L = 4, C = 10):
-    714 cycles per sample for 1312 + 1472 MACs (3.9 MACs per cycle), 1328 cycles per
-    update of 1312 weights (8.6 % of a batch of 20), so one cached epoch of the 359 digits
-    samples (18 batches) takes 780.7 cycles per sample, 280k cycles (2.8 ms at 100 MHz).
+    714 cycles per sample for 1312 + 1472 MACs (3.9 MACs per cycle), 1329 cycles per
+    update of 1312 weights (8.5 % of a batch of 20), so one cached epoch of the 359 digits
+    samples (18 batches) takes 780.6 cycles per sample, 280k cycles (2.8 ms at 100 MHz).
     Most of a sample's cycles are the ``2 n`` rows of ``A_l`` (forward and ``dA``), each
     using ``r`` of the adapter's ``P`` lanes; packing ``P / r`` rows per cycle (the
     adapter's docstring) is the next step, then hiding the loss unit's ``C + 28`` cycles
