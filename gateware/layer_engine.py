@@ -40,10 +40,7 @@ class LayerEngine(wiring.Component):
               the conv unit, which then waits (loads may overlap a run: the next sample
               can be loaded into a free region while a layer runs).
     rd_mem, rd_addr : In   MEM_ACT or MEM_LOGIT word to read (only while not busy)
-    rd_data         : Out  its lanes two cycles later (int8 lanes sign-extended, or int16
-                           lanes): both memories' words are registered before one is
-                           chosen, so that a DP16KD's clock-to-out and a multiplexer do
-                           not share a cycle with the route to the reader
+    rd_data         : Out  its lanes one cycle later (int8 lanes or int16 lanes)
 
     Memories: R copies of `act_words` x C int8 (one read port each, so R rows read R
     different pixels per cycle), weights `weight_words / C` x C int8, biases
@@ -128,12 +125,10 @@ class LayerEngine(wiring.Component):
         m.d.comb += [lw.en.eq(writing & wide), lw.addr.eq(out.addr),
                      lw.data.eq(logit_w), lr.addr.eq(self.rd_addr)]
 
-        act_q, logit_q = Signal(8 * C), Signal(16 * C)
-        m.d.sync += [act_q.eq(copies[0].data), logit_q.eq(lr.data)]
         act_lanes = Signal(16 * C)
         for j in range(C):
-            m.d.comb += act_lanes.word_select(j, 16).eq(act_q.word_select(j, 8).as_signed())
-        rd_mem = [Signal(2, name=f"rd_mem{t}") for t in range(2)]
-        m.d.sync += [rd_mem[0].eq(self.rd_mem), rd_mem[1].eq(rd_mem[0])]
-        m.d.comb += self.rd_data.eq(Mux(rd_mem[1] == MEM_LOGIT, logit_q, act_lanes))
+            m.d.comb += act_lanes.word_select(j, 16).eq(copies[0].data.word_select(j, 8).as_signed())
+        rd_mem = Signal(2)
+        m.d.sync += rd_mem.eq(self.rd_mem)
+        m.d.comb += self.rd_data.eq(Mux(rd_mem == MEM_LOGIT, lr.data, act_lanes))
         return m
