@@ -116,7 +116,7 @@ BOARDS = {
     # output from 25 MHz that divides into the link's baud rate exactly.
     "ulx3s-85f": DEFAULT.replace(cache_samples=384, cache_act_words=384, sample_words=110592,
                                  weight_words=24576, adapter_words=2048,
-                                 clock_hz=40_000_000, baud=2_000_000),
+                                 clock_hz=60_000_000),
     # 72 MULT18X18D, 108 DP16KD, 44k LUT4: 16 adapter lanes (digits' 10 classes) do not fit
     # its LUTs, so 4 lanes (at most 4 classes: fan), an 8x4 array, all of fan's samples
     # and 8 cache lines (its 108 DP16KD are then all but one in use)
