@@ -515,8 +515,13 @@ class AdapterDatapath(wiring.Component):
         # --- Output register ----------------------------------------------------------
         o = self.o_stream
         ocnt = Signal(range(P + 1))
-        z_c = _sat(Array(base)[ocnt] + _rshift_round(Array(acc)[ocnt], cfg.F_h + cfg.F_w - cfg.F_z),
-                   cfg.logit_bits)
+        # every lane's z is worked out each cycle into a register of its own, so that the
+        # class counter only picks one: once the lanes have drained (OUT follows UDRAIN)
+        # the sums and base logits are stable a cycle before the first is picked
+        zq = [Signal(signed(cfg.logit_bits), name=f"zq{j}") for j in range(P)]
+        m.d.sync += [zq[j].eq(_sat(base[j] + _rshift_round(acc[j], cfg.F_h + cfg.F_w - cfg.F_z),
+                                   cfg.logit_bits)) for j in range(P)]
+        z_c = Array(zq)[ocnt]
         with m.If(o.ready):
             m.d.sync += o.valid.eq(0)
 
