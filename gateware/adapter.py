@@ -69,6 +69,13 @@ def row_mask(rank, bits):
     return Cat(*(rank > (1 << i) for i in range(bits)))
 
 
+def next_multiple(x, mask):
+    """The first multiple of ``mask + 1`` (a power of two) above ``x``: setting the low
+    bits and adding one takes one adder and no compare, so the walks that step to the
+    next row or tensor of the ADAPTERS layout keep it off their critical path."""
+    return (x | mask) + 1
+
+
 def master_port(cfg, write_addr=False):
     """The signature members of the port to the masters and gradient accumulators (the
     `AdapterDatapath` docstring describes them); `LoraEngine` passes the same port on."""
@@ -556,7 +563,7 @@ class AdapterDatapath(wiring.Component):
         # rows of B_l P words apart, each tensor at a multiple of P. A row of A_l starts
         # at a multiple of R, so the first multiple of P at or after its end is the
         # first above its start: one adder; A_{l+1} follows B_l's rank rows of P words.
-        b_next = (ptr | (P - 1)) + 1
+        b_next = next_multiple(ptr, P - 1)
         b_span = Signal(AW + 1)
         m.d.sync += b_span.eq(rank << LP)
 

@@ -16,7 +16,7 @@ from amaranth.utils import ceil_log2
 
 from firmware.isa import FSHIFT_BITS, lora_setup_layout
 
-from .adapter import AdapterDatapath, master_port, row_mask
+from .adapter import AdapterDatapath, master_port, next_multiple, row_mask
 from .config import DEFAULT, AccelConfig
 from .layouts import class_bits, sample_layout
 from .loss import LossUnit
@@ -242,9 +242,8 @@ class LoraEngine(wiring.Component):
         P, LP = cfg.adapter_lanes, ceil_log2(cfg.adapter_lanes)
         rmask = Signal(max(1, LP))
         m.d.sync += rmask.eq(row_mask(rank, max(1, LP)))
-        # the first multiple of P (of R) above rptr, in one adder
-        next_line = (rptr | (P - 1)) + 1
-        next_row = (rptr | rmask) + 1
+        next_line = next_multiple(rptr, P - 1)
+        next_row = next_multiple(rptr, rmask)
         # each result is written where its weight was read, LATENCY + 2 cycles earlier
         wq = [Signal(self._aw, name=f"wq{i}") for i in range(LATENCY + 2)]
         m.d.sync += [wq[0].eq(rptr)] + [wq[i].eq(wq[i - 1]) for i in range(1, LATENCY + 2)]
