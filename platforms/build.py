@@ -8,6 +8,8 @@
   achieved Fmax of that clock after routing), ``timing_met``, ``slack_ns``;
 - ``resources``: used and available LUT4, FF, MULT18X18D, DP16KD (and the rest of
   nextpnr's utilization table under ``all``);
+- ``output_registers``: the block RAM ports whose output register holds their reads
+  (`platforms.outreg`, run between yosys and nextpnr) and the flip-flops it replaced;
 - ``tools`` (the YoWASP package and tool versions), ``seed``, ``seconds`` per step.
 """
 
@@ -101,6 +103,28 @@ class _Ticker:
             self.thread.join()
 
 
+# between yosys and nextpnr: fold the registers after block RAM reads into the RAMs
+_FOLD = r"""
+{{invoke_tool("python")}} -m platforms.outreg {{name}}.json --summary outreg.json
+"""
+
+
+def _folding(platform_class):
+    """``platform_class`` with `platforms.outreg` run on yosys's netlist before nextpnr."""
+    class Folding(platform_class):
+        @property
+        def required_tools(self):
+            return [*super().required_tools, "python"]
+
+        @property
+        def command_templates(self):
+            yosys, *rest = super().command_templates
+            return [yosys, _FOLD, *rest]
+
+    Folding.__name__ = platform_class.__name__
+    return Folding
+
+
 def _tail(path, lines=12):
     try:
         with open(path, errors="replace") as f:
@@ -131,14 +155,15 @@ def build_bitstream(board, root="build", seed=1, progress=False, cfg=None, core=
     paths = tool_paths()
     directory = os.path.join(root, board)
     os.makedirs(directory, exist_ok=True)
-    for stale in ("report.json", "nextpnr.json", f"{NAME}.bit", f"{NAME}.config", f"{NAME}.json"):
+    for stale in ("report.json", "nextpnr.json", "outreg.json", f"{NAME}.bit", f"{NAME}.config",
+                  f"{NAME}.json"):
         if os.path.exists(os.path.join(directory, stale)):
             os.remove(os.path.join(directory, stale))
-    platform = PLATFORMS[board]()
+    platform = _folding(PLATFORMS[board])()
     t0 = time.monotonic()
     plan = platform.prepare(BoardTop(cfg, core), name=NAME,
                             nextpnr_opts=f"--report nextpnr.json --timing-allow-fail --seed {seed}")
-    env = dict(os.environ, **paths)
+    env = dict(os.environ, **paths, PYTHON=sys.executable)
     with _Ticker(board, directory, progress):
         try:
             plan.execute_local(directory, env=env)
@@ -153,6 +178,8 @@ def build_bitstream(board, root="build", seed=1, progress=False, cfg=None, core=
             nextpnr = json.load(f)
     except (OSError, ValueError) as e:
         raise BoardError(f"nextpnr wrote no readable report in {directory}: {e}") from None
+    with open(os.path.join(directory, "outreg.json")) as f:
+        folded = json.load(f)
 
     target = cfg.clock_hz / 1e6
     fmax = _clock_fmax(nextpnr, target)
@@ -166,7 +193,7 @@ def build_bitstream(board, root="build", seed=1, progress=False, cfg=None, core=
         "config_hash": f"{cfg.hash:08x}", "config": cfg.as_dict(),
         "target_mhz": target, "fmax_mhz": round(fmax, 2), "timing_met": fmax >= target,
         "slack_ns": round(1e3 / target - 1e3 / fmax, 3),
-        "resources": resources, "all": util, "tools": _versions(paths), "seed": seed,
+        "resources": resources, "all": util, "output_registers": folded, "tools": _versions(paths), "seed": seed,
         "seconds": round(seconds, 1), "bitstream": os.path.join(directory, f"{NAME}.bit"),
     }
     with open(os.path.join(directory, "report.json.tmp"), "w") as f:
@@ -190,5 +217,8 @@ def format_report(report):
     for name, r in report["resources"].items():
         pct = 100 * r["used"] / r["available"] if r["available"] else 0
         lines.append(f"  {name:<10} {r['used']:>6} / {r['available']:<6} ({pct:4.1f} %)")
+    folded = report["output_registers"]
+    lines.append(f"  block RAM ports with their output register: {folded['ports']} "
+                 f"({folded['flip_flops']} flip-flops folded)")
     lines.append(f"  bitstream {report['bitstream']}")
     return "\n".join(lines)
