@@ -1,22 +1,34 @@
-"""Fold the flip-flops right after a block RAM's read port into its output register.
+"""Move the registers after a block RAM's read port into its output register.
 
 yosys maps every read port to a DP16KD without its output register (``REGMODE_x =
 "NOREG"``), and nextpnr's -6 grade timing then starts every path out of a block RAM with
-a 5.83 ns clock-to-out: a read registered in the fabric far from the RAM, or through one
-multiplexer, already costs most of a 10 ns cycle. With ``REGMODE_x = "OUTREG"`` the RAM
-registers its own output and the clock-to-out is 0.96 ns (measured with nextpnr 0.11.1
-on a DP16KD alone). This pass, run on yosys's JSON netlist before nextpnr, turns each
-port whose every used output bit drives only the D input of a flip-flop into an
-``OUTREG`` port and removes those flip-flops. It folds a port only when the result is
-the same circuit:
+a 5.6-5.8 ns clock-to-out: a read registered in the fabric far from the RAM, or through
+one LUT, already costs most of a 10 ns cycle. With ``REGMODE_x = "OUTREG"`` the RAM
+registers its own output and the clock-to-out is 0.96 ns (nextpnr 0.11.1, a DP16KD
+alone). This pass, run on yosys's JSON netlist before nextpnr, gives a port its output
+register when every use of its data is a flip-flop, either directly or through LUTs and
+multiplexers (LUT4, PFUMX, L6MUX21) each of whose outputs goes to one place; it retimes
+those flip-flops backwards:
 
-- each flip-flop is clocked by the port's clock, on the same edge;
-- they share one clock enable (or none), which becomes the port's ``OCEx``;
-- they have no reset and start at zero (the RAM's output register does), so the RTL
-  declares them ``reset_less`` with ``init=0``; the port's own reset is unused.
+- a flip-flop on the data itself is removed (the output register is it);
+- a flip-flop after such cells is removed, the cells move after the output register
+  and each of their other inputs gets a flip-flop of its own (shared between cells), so
+  they see the same values one cycle later. yosys puts such a LUT after most reads: the
+  bypass that gives a read the data written to its address the cycle before (it delays
+  writes by a cycle to keep a read of the written address returning the old word).
 
-A port that misses any of these is left as yosys made it. The gateware reads a RAM
-through such a register wherever a read leaves the RAM (`gateware.segmented`).
+Each new output is the old one in every cycle, so the pass folds a port only when:
+
+- every flip-flop is clocked by the port's clock, on the same edge;
+- they share one clock enable (or none), which becomes the port's ``OCEx`` and the new
+  flip-flops' enable;
+- none has a reset and each starts at zero, as the output register does; so the
+  gateware declares the registers after its RAM reads ``reset_less`` (their contents
+  mean nothing until a read), and the moved cells must give zero on the new
+  flip-flops' zeros;
+- the port's own reset is unused.
+
+A port that misses any of these is left as yosys made it.
 """
 
 import argparse
@@ -27,7 +39,7 @@ import sys
 
 __all__ = ["fold_output_registers"]
 
-_WIDTH = 18         # data bits of a DP16KD port
+_WIDTH = 18                     # data bits of a DP16KD port
 
 
 def _top(netlist):
@@ -41,89 +53,226 @@ def _is_const(bits, value):
     return len(bits) == 1 and bits[0] == value
 
 
-def _sinks(module):
-    sinks = collections.defaultdict(list)
-    for name, cell in module["cells"].items():
+class _Netlist:
+    """The top module's cells with the sinks of every net, kept up to date as cells are
+    rewired, added and removed."""
+
+    def __init__(self, module):
+        self.cells = module["cells"]
+        self.sinks = collections.defaultdict(set)
+        self.next_bit = 2
+        for name, cell in self.cells.items():
+            self._index(name, cell, add=True)
+        for port in module["ports"].values():
+            for bit in port["bits"]:
+                if isinstance(bit, int):
+                    self.sinks[bit].add((None, None))       # a pin: never rewired
+                    self.next_bit = max(self.next_bit, bit + 1)
+        for net in module["netnames"].values():
+            self.next_bit = max([self.next_bit] + [b + 1 for b in net["bits"] if isinstance(b, int)])
+
+    def _index(self, name, cell, add):
         for port, bits in cell["connections"].items():
-            if cell["port_directions"].get(port) != "output":
-                for bit in bits:
-                    if isinstance(bit, int):
-                        sinks[bit].append((name, port))
-    for port in module["ports"].values():
-        for bit in port["bits"]:
+            for bit in bits:
+                if not isinstance(bit, int):
+                    continue
+                self.next_bit = max(self.next_bit, bit + 1)
+                if cell["port_directions"].get(port) != "output":
+                    (self.sinks[bit].add if add else self.sinks[bit].discard)((name, port))
+
+    def connect(self, name, port, bit):
+        """Connect the one-bit ``port`` to ``bit``."""
+        cell = self.cells[name]
+        if cell["port_directions"].get(port) != "output":
+            for old in cell["connections"][port]:
+                if isinstance(old, int):
+                    self.sinks[old].discard((name, port))
             if isinstance(bit, int):
-                sinks[bit].append((None, None))
-    return sinks
+                self.sinks[bit].add((name, port))
+        cell["connections"][port] = [bit]
+
+    def replace(self, name, port, old, new):
+        """Where ``port`` (of any width) reads ``old``, read ``new``."""
+        cell = self.cells[name]
+        cell["connections"][port] = [new if bit == old else bit for bit in cell["connections"][port]]
+        self.sinks[old].discard((name, port))
+        self.sinks[new].add((name, port))
+
+    def remove(self, name):
+        self._index(name, self.cells.pop(name), add=False)
+
+    def add(self, name, cell):
+        self.cells[name] = cell
+        self._index(name, cell, add=True)
+
+    def new_bit(self):
+        self.next_bit += 1
+        return self.next_bit - 1
 
 
-def _foldable_ff(cell, clock):
-    """The clock enable of a flip-flop that the port's output register can stand for
+def _enable(cell, clock):
+    """The clock enable of a flip-flop that a port's output register can stand for
     (``"1"`` for none), or None."""
     p, c = cell["parameters"], cell["connections"]
     if cell["type"] != "TRELLIS_FF" or c.get("CLK") != clock or p.get("CLKMUX", "CLK") != "CLK":
         return None
     if p.get("REGSET", "RESET") != "RESET":
         return None
-    lsr = c.get("LSR", ["0"])
-    if not (_is_const(lsr, "0") or p.get("LSRMUX", "LSR") == "0"):
+    if not (_is_const(c.get("LSR", ["0"]), "0") or p.get("LSRMUX", "LSR") == "0"):
         return None
     cemux = p.get("CEMUX", "1").strip()
     if cemux == "1" or _is_const(c.get("CE", ["1"]), "1"):
         return "1"
     if cemux == "CE":
-        return tuple(c["CE"])
+        return c["CE"][0]
     return None
 
 
+# the combinational cells a read may pass through on its way to a flip-flop: inputs,
+# and the output each cell computes from them
+_COMB = {"LUT4": ("ABCD", "Z"), "PFUMX": (("ALUT", "BLUT", "C0"), "Z"),
+         "L6MUX21": (("D0", "D1", "SD"), "Z")}
+
+
+def _evaluate(cell, value):
+    """A combinational cell's output for ``value(port)`` of each input (0 or 1)."""
+    if cell["type"] == "LUT4":
+        init = cell["parameters"]["INIT"]
+        init = init.strip() if isinstance(init, str) else format(init, "016b")
+        index = sum(value(port) << k for k, port in enumerate("ABCD"))
+        return int(init[len(init) - 1 - index])
+    if cell["type"] == "PFUMX":
+        return value("ALUT") if value("C0") else value("BLUT")
+    return value("D1") if value("SD") else value("D0")
+
+
+def _plan(net, ram, x):
+    """How port ``x`` of ``ram`` folds: (enable, direct flip-flops, the combinational
+    cells between the data and flip-flops, {such cell: the flip-flop its output feeds}),
+    or None if it does not."""
+    p, c = net.cells[ram]["parameters"], net.cells[ram]["connections"]
+    if p.get(f"REGMODE_{x}", "NOREG") != "NOREG" or p.get(f"CLK{x}MUX", f"CLK{x}") != f"CLK{x}":
+        return None
+    if not (_is_const(c.get(f"RST{x}", ["0"]), "0") and _is_const(c.get(f"OCE{x}", ["1"]), "1")):
+        return None
+    clock = c.get(f"CLK{x}")
+    data = {c[f"DO{x}{i}"][0] for i in range(_WIDTH) if f"DO{x}{i}" in c}
+    data = {b for b in data if isinstance(b, int) and net.sinks.get(b)}
+    if not data:
+        return None
+    direct, cone, roots, enables = set(), set(), {}, set()
+    todo = [sink for bit in data for sink in net.sinks[bit]]
+    while todo:
+        name, port = todo.pop()
+        cell = net.cells.get(name)
+        if cell is None:                                    # a pin
+            return None
+        if cell["type"] == "TRELLIS_FF" and port == "DI":
+            d, q = cell["connections"]["DI"][0], cell["connections"]["Q"][0]
+            if d in data:
+                # its readers will read the data, unless the data has no other reader
+                if len(net.sinks[d]) > 1 and (None, None) in net.sinks.get(q, set()):
+                    return None
+                direct.add(name)
+            enables.add(_enable(cell, clock))
+        elif cell["type"] in _COMB and port in _COMB[cell["type"]][0]:
+            if name in cone:
+                continue
+            cone.add(name)
+            out = cell["connections"][_COMB[cell["type"]][1]][0]
+            users = net.sinks.get(out, set())
+            if len(users) != 1:
+                return None
+            ((user, user_port),) = users
+            if user is not None and net.cells[user]["type"] == "TRELLIS_FF" and user_port == "DI":
+                roots[name] = user
+            todo.append((user, user_port))
+        else:
+            return None
+    if None in enables or len(enables) != 1:
+        return None
+    # the output register starts at zero, and so do the new flip-flops: each cone must
+    # then give the zero its flip-flop started at
+    outputs = {net.cells[n]["connections"][_COMB[net.cells[n]["type"]][1]][0]: n for n in cone}
+
+    def value_of(bit):
+        if bit in ("0", "1"):
+            return int(bit)
+        if not isinstance(bit, int):
+            raise ValueError
+        if bit in outputs:
+            cell = net.cells[outputs[bit]]
+            return _evaluate(cell, lambda port: value_of(cell["connections"].get(port, ["0"])[0]))
+        return 0
+    try:
+        if any(value_of(net.cells[root]["connections"]["Z"][0]) for root in roots):
+            return None
+    except ValueError:                                      # an undefined input
+        return None
+    (enable,) = enables
+    return enable, direct, cone, roots
+
+
+def _fold(net, ram, x, enable, direct, cone, roots):
+    cell = net.cells[ram]
+    cell["parameters"][f"REGMODE_{x}"] = "OUTREG"
+    net.connect(ram, f"OCE{x}", enable)
+    outs = {f"DO{x}{i}": cell["connections"][f"DO{x}{i}"][0] for i in range(_WIDTH)
+            if f"DO{x}{i}" in cell["connections"]}
+    data = set(outs.values())
+    internal = {net.cells[n]["connections"][_COMB[net.cells[n]["type"]][1]][0] for n in cone}
+    template = net.cells[next(iter(roots.values()), next(iter(direct), None))]
+    # the cones first: an input that is a direct flip-flop's output is delayed like any
+    # other, and the rewiring below then feeds that delay from the data
+    for root in sorted(roots):
+        ff = roots[root]
+        q = net.cells[ff]["connections"]["Q"][0]
+        net.remove(ff)
+        net.connect(root, "Z", q)
+    delayed = {}
+    for name in sorted(cone):
+        for port in _COMB[net.cells[name]["type"]][0]:
+            bit = net.cells[name]["connections"].get(port, ["0"])[0]
+            if not isinstance(bit, int) or bit in data or bit in internal:
+                continue
+            if bit not in delayed:
+                # like the flip-flops it stands for: the same clock and enable, no reset
+                delayed[bit] = net.new_bit()
+                net.add(f"{name}$outreg{bit}", {
+                    **template, "connections": {**template["connections"], "DI": [bit], "Q": [delayed[bit]]}})
+            net.connect(name, port, delayed[bit])
+    for name in sorted(direct):
+        # the data now holds the flip-flop's value
+        d, q = net.cells[name]["connections"]["DI"][0], net.cells[name]["connections"]["Q"][0]
+        net.remove(name)
+        if not net.sinks.get(d):
+            (port,) = [p for p, bit in outs.items() if bit == d]
+            net.connect(ram, port, q)
+        else:
+            for reader, port in sorted(net.sinks.pop(q, set())):
+                net.replace(reader, port, q, d)
+    return len(direct) + len(roots)
+
+
 def fold_output_registers(netlist):
-    """Fold, in place, the flip-flops after DP16KD read ports into their output
-    registers; returns ``{"ports": n, "flip_flops": m}`` folded."""
-    module = _top(netlist)
-    cells = module["cells"]
-    sinks = _sinks(module)
+    """Give, in place, the DP16KD read ports whose data only flip-flops use (directly or
+    through one LUT) their output register; returns ``{"ports": n, "flip_flops": m}``:
+    the ports, and the flip-flops they replaced (new ones on LUT inputs not counted)."""
+    net = _Netlist(_top(netlist))
     folded = {"ports": 0, "flip_flops": 0}
-    for ram in list(cells.values()):
-        if ram["type"] != "DP16KD":
-            continue
-        p, c = ram["parameters"], ram["connections"]
+    for ram in sorted(name for name, cell in net.cells.items() if cell["type"] == "DP16KD"):
         for x in "AB":
-            if p.get(f"REGMODE_{x}", "NOREG") != "NOREG" or p.get(f"CLK{x}MUX", f"CLK{x}") != f"CLK{x}":
-                continue
-            if not (_is_const(c.get(f"RST{x}", ["0"]), "0") and _is_const(c.get(f"OCE{x}", ["1"]), "1")):
-                continue
-            clock = c.get(f"CLK{x}")
-            pairs, enables = [], set()
-            for i in range(_WIDTH):
-                bits = c.get(f"DO{x}{i}", [])
-                if not bits or not isinstance(bits[0], int) or not sinks.get(bits[0]):
-                    continue
-                users = sinks[bits[0]]
-                if len(users) != 1 or users[0][1] != "DI":
-                    break
-                ff = users[0][0]
-                enable = _foldable_ff(cells[ff], clock)
-                if enable is None:
-                    break
-                pairs.append((i, ff))
-                enables.add(enable)
-            else:
-                if not pairs or len(enables) != 1:
-                    continue
-                (enable,) = enables
-                for i, ff in pairs:
-                    c[f"DO{x}{i}"] = list(cells[ff]["connections"]["Q"])
-                    del cells[ff]
-                p[f"REGMODE_{x}"] = "OUTREG"
-                c[f"OCE{x}"] = ["1"] if enable == "1" else list(enable)
+            plan = _plan(net, ram, x)
+            if plan is not None:
+                folded["flip_flops"] += _fold(net, ram, x, *plan)
                 folded["ports"] += 1
-                folded["flip_flops"] += len(pairs)
     return folded
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m platforms.outreg",
-        description="Fold the flip-flops after DP16KD read ports into their output registers "
+        description="Move the registers after DP16KD read ports into their output registers "
                     "(yosys JSON netlist, in place).")
     parser.add_argument("netlist", help="yosys's write_json output")
     parser.add_argument("--summary", help="write what was folded to this JSON file")
