@@ -385,8 +385,9 @@ class AdapterDatapath(wiring.Component):
         # T1: memory data valid; register it raw (a DP16KD's clock-to-out is long)
         x1 = Signal(signed(cfg.act_bits))
         m.d.sync += x1.eq(xI)
-        mraw = [Signal(signed(cfg.master_bits), name=f"mraw{b}") for b in range(P)]
-        graw = [Signal(signed(GW), name=f"graw{b}") for b in range(P)]
+        # reset-less: the build folds them into the banks' output registers (platforms.outreg)
+        mraw = [Signal(signed(cfg.master_bits), name=f"mraw{b}", reset_less=True) for b in range(P)]
+        graw = [Signal(signed(GW), name=f"graw{b}", reset_less=True) for b in range(P)]
         h2 = Signal(signed(HB))
         e2 = Signal(data.ArrayLayout(signed(HB), P))
         xv2 = Signal(signed(cfg.act_bits))

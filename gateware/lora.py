@@ -219,7 +219,8 @@ class LoraEngine(wiring.Component):
         # keeps their block RAM's output off the update unit's first stage)
         v1, last1, v2, last2 = Signal(), Signal(), Signal(), Signal()
         fs1, fs2 = Signal(signed(FSHIFT_BITS)), Signal(signed(FSHIFT_BITS))
-        m2, v2_word = Signal.like(mr.data), Signal.like(vr.data)
+        # reset-less: the build folds them into the RAMs' output registers (platforms.outreg)
+        m2, v2_word = Signal.like(mr.data, reset_less=True), Signal.like(vr.data, reset_less=True)
         m.d.sync += [v2.eq(v1), last2.eq(last1), fs2.eq(fs1), m2.eq(mr.data),
                      v2_word.eq(vr.data)]
         ui = upd.i_stream

@@ -207,7 +207,7 @@ class LossUnit(wiring.Component):
         c = [Signal(cls_bits, name=f"cls{n}") for n in range(6)]
         lst = [Signal(name=f"last{n}") for n in range(6)]
         t2 = Signal(t_shape)
-        e4 = Signal(e_shape)
+        e4 = Signal(e_shape, reset_less=True)      # folded into the ROM's output register
         prod5 = Signal(e_shape.width + q_bits)
 
         m.d.comb += [

@@ -276,7 +276,9 @@ class Accelerator(wiring.Component):
                  Region.LABELS: lab_r.data, Region.RESULTS: res_r.data,
                  Region.ACT: _chunk(act8, rd_chunk, chunk_bits(Region.ACT, cfg)),
                  Region.LOGITS: _chunk(engine.rd_data, rd_chunk, chunk_bits(Region.LOGITS, cfg))}
-        held = {r: Signal(32, name=f"rd_{r.name.lower()}") for r in words}
+        # reset-less: those straight after a block RAM become its output register
+        # (platforms.outreg)
+        held = {r: Signal(32, name=f"rd_{r.name.lower()}", reset_less=True) for r in words}
         m.d.sync += [held[r].eq(w) for r, w in words.items()]
         # the registers, the samples and the adapters' port have registered their words
         # in cycle 1 themselves, and choose one in cycle 2 (group, segment, bank)
