@@ -154,12 +154,14 @@ class ConvUnit(wiring.Component):
         tile, group = Signal(12), Signal(8)
         w_addr, w_group = Signal(ADDR_BITS), Signal(ADDR_BITS)
 
-        # stage B: the beat whose memory reads were issued last cycle
-        b_valid = Signal()
-        b_mask = Signal(R)
-        b_lane = Signal(range(C))
-        b_last = Signal()
-        advance = ~b_valid | self.feed.ready
+        # The beat's memory reads go through two stages, both moving when the feed does:
+        # B, the block RAMs read the words; C, their registers hold them (the layer
+        # engine's ports answer two `en` cycles after the address). C is on the feed.
+        b_valid, c_valid = Signal(), Signal()
+        b_mask, c_mask = Signal(R), Signal(R)
+        b_lane, c_lane = Signal(range(C)), Signal(range(C))
+        b_last, c_last = Signal(), Signal()
+        advance = ~c_valid | self.feed.ready
         issue = feeding & advance & (~first | (produced == R))
         m.d.comb += tile_start.eq(issue & first)
 
@@ -169,18 +171,17 @@ class ConvUnit(wiring.Component):
             ih, iw = Signal(signed(11), name=f"ih{r}"), Signal(signed(11), name=f"iw{r}")
             m.d.comb += [ih.eq(pix.ih0 + ki), iw.eq(pix.iw0 + kj)]
             inside = (ih >= 0) & (ih < d.in_h) & (iw >= 0) & (iw < d.in_w)
-            m.d.comb += [acts[r].addr.eq(pix.addr + kc), acts[r].en.eq(issue)]
+            m.d.comb += [acts[r].addr.eq(pix.addr + kc), acts[r].en.eq(advance)]
             with m.If(issue):
                 m.d.sync += b_mask[r].eq(inside)
-        m.d.comb += [self.weight.addr.eq(w_addr), self.weight.en.eq(issue)]
+        m.d.comb += [self.weight.addr.eq(w_addr), self.weight.en.eq(advance)]
 
         with m.If(begin):
             m.d.sync += [k.eq(0), first.eq(1), lane.eq(0), c.eq(0), ki.eq(0), kj.eq(0),
                          koff.eq(0), kc.eq(0), tile.eq(0), group.eq(0), w_addr.eq(self.desc.w_base),
-                         w_group.eq(self.desc.w_base), b_valid.eq(0)]
+                         w_group.eq(self.desc.w_base), b_valid.eq(0), c_valid.eq(0)]
         with m.Elif(issue):
-            m.d.sync += [b_valid.eq(1), b_lane.eq(lane), b_last.eq(k == d.k_len - 1),
-                         first.eq(k == d.k_len - 1)]
+            m.d.sync += [b_lane.eq(lane), b_last.eq(k == d.k_len - 1), first.eq(k == d.k_len - 1)]
             with m.If(k == d.k_len - 1):
                 m.d.sync += [k.eq(0), lane.eq(0), c.eq(0), ki.eq(0), kj.eq(0), koff.eq(0),
                              kc.eq(0)]
@@ -206,13 +207,15 @@ class ConvUnit(wiring.Component):
                         m.d.sync += [lane.eq(0), kc.eq(kc + 1)]
                     with m.Else():
                         m.d.sync += lane.eq(lane + 1)
-        with m.Elif(self.feed.ready):
-            m.d.sync += b_valid.eq(0)
 
-        m.d.comb += [self.feed.valid.eq(b_valid), self.feed.payload.last.eq(b_last)]
+        with m.If(~begin & advance):
+            m.d.sync += [b_valid.eq(issue), c_valid.eq(b_valid), c_mask.eq(b_mask),
+                         c_lane.eq(b_lane), c_last.eq(b_last)]
+
+        m.d.comb += [self.feed.valid.eq(c_valid), self.feed.payload.last.eq(c_last)]
         for r in range(R):
-            byte = acts[r].data.word_select(b_lane, 8).as_signed()
-            m.d.comb += self.feed.payload.a[r].eq(Mux(b_mask[r], byte, 0))
+            byte = acts[r].data.word_select(c_lane, 8).as_signed()
+            m.d.comb += self.feed.payload.a[r].eq(Mux(c_mask[r], byte, 0))
         for j in range(C):
             m.d.comb += self.feed.payload.b[j].eq(self.weight.data.word_select(j, 8).as_signed())
 

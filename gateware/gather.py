@@ -26,7 +26,7 @@ __all__ = ["GatherUnit", "sample_byte_bits"]
 # Entries of the read-ahead FIFOs: the entries in the read pipeline and the one leaving
 # are all counted against it, so the pipeline's stages plus 2 keep one per cycle. MOVE's
 # words: the RAM and the sample memory's segment register; GATHER's beats: the RAM, the
-# word and the lane registers.
+# engine's word register and the lane register.
 WORD_FIFO_DEPTH = 4
 BEAT_FIFO_DEPTH = 5
 SAMPLE_WORD_BYTES = 4           # the sample memory: 32-bit words, little end first
@@ -121,7 +121,7 @@ class GatherUnit(wiring.Component):
         sampled with it.
     rd_mem : Out(2),  rd_addr : Out(16),  rd_data : In(16 * C)
         The layer engine's read port: ``rd_data`` holds the lanes of the word at
-        (``rd_mem``, ``rd_addr``) of the previous cycle (int8 sign-extended for MEM_ACT,
+        (``rd_mem``, ``rd_addr``) of two cycles before (int8 sign-extended for MEM_ACT,
         int16 for MEM_LOGIT). Valid only while the engine is idle, which the sequencer
         guarantees during a GATHER.
     lora : Out(stream.Signature(``gateware.layouts.sample_layout(cfg)``))
@@ -155,14 +155,14 @@ class GatherUnit(wiring.Component):
       groups`` for whole words of C = 8 from a 4-aligned ``src``, ``3 * pixels *
       groups`` from any other.
     - GATHER: one element per cycle at full rate. An element's word is read in the cycle
-      it is issued, registered the next, its lane registered the one after, and it
-      enters the 5-entry beat FIFO (formatted) the cycle after; the first beat is on
-      ``lora``/``fill`` 5 cycles after the strobe and ``busy`` falls the cycle after the
-      last beat is taken: ``n + classes + 5`` cycles from the strobe with ``n = sum_l
-      d_l`` (digits: 288 + 10 elements, 303 cycles). Elements are issued on credit (FIFO
-      level plus the three pipeline stages below its depth), so a stalled destination
-      stalls the reads without a
-      combinational path from ``ready`` to the read port, and no element is lost. A beat
+      it is issued, registered in the engine the next, its lane registered the one
+      after, and it enters the 5-entry beat FIFO (formatted) the cycle after; the first
+      beat is on ``lora``/``fill`` 5 cycles after the strobe and ``busy`` falls the
+      cycle after the last beat is taken: ``n + classes + 5`` cycles from the strobe
+      with ``n = sum_l d_l`` (digits: 288 + 10 elements, 303 cycles). Elements are
+      issued on credit (FIFO level plus the three pipeline stages below its depth), so
+      a stalled destination stalls the reads without a combinational path from
+      ``ready`` to the read port, and no element is lost. A beat
       leaves the FIFO when every chosen destination has taken it; each destination's
       ``valid`` falls once it has (a per-destination taken bit), independently of the
       other's ``ready``.
@@ -308,10 +308,9 @@ class GatherUnit(wiring.Component):
         m.submodules.fifo = fifo = SyncFIFO(width=_BEAT.size, depth=BEAT_FIFO_DEPTH)
         meta = data.StructLayout({"lane": range(C), "logit": 1, "shift": 3, "signed": 1,
                                   "first": 1, "last": 1})
-        s1, s1_valid = Signal(meta), Signal()           # the word is on rd_data
-        s2, s2_valid = Signal(meta), Signal()           # the word is registered
+        s1, s1_valid = Signal(meta), Signal()           # the word is read
+        s2, s2_valid = Signal(meta), Signal()           # the word is on rd_data
         s3, s3_valid = Signal(meta), Signal()           # its lane is registered
-        s2_word = Signal.like(self.rd_data)
         s3_value = Signal(signed(16))
         m.d.comb += in_flight.eq(s1_valid | s2_valid | s3_valid | fifo.r_rdy)
         credit = fifo.level + s1_valid + s2_valid + s3_valid < BEAT_FIFO_DEPTH
@@ -369,12 +368,9 @@ class GatherUnit(wiring.Component):
                 m.d.sync += walk.addr.eq(0)
 
         # ------------------------------------------------------------ GATHER: format
-        # The element's word goes straight into a register (a block RAM's output, read
-        # across the chip, leaves little of a cycle), then its lane into another; the
-        # lane is formatted into the FIFO.
-        m.d.sync += [s2_valid.eq(s1_valid), s2.eq(s1), s2_word.eq(self.rd_data),
-                     s3_valid.eq(s2_valid), s3.eq(s2),
-                     s3_value.eq(s2_word.word_select(s2.lane, 16).as_signed())]
+        # The element's lane goes into a register, then is formatted into the FIFO.
+        m.d.sync += [s2_valid.eq(s1_valid), s2.eq(s1), s3_valid.eq(s2_valid), s3.eq(s2),
+                     s3_value.eq(self.rd_data.word_select(s2.lane, 16).as_signed())]
         code = four_bit_code(s3_value[:8].as_signed(), s3.shift, s3.signed)
         value4 = Mux(s3.signed, code.as_signed(), code) << s3.shift
         beat = Signal(_BEAT)

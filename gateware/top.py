@@ -272,19 +272,20 @@ class Accelerator(wiring.Component):
         act8 = Signal(8 * C)
         for j in range(C):
             m.d.comb += act8.word_select(j, 8).eq(engine.rd_data.word_select(j, 16)[:8])
-        words = {Region.PROGRAM: prog_r.data,
-                 Region.LABELS: lab_r.data, Region.RESULTS: res_r.data,
-                 Region.ACT: _chunk(act8, rd_chunk, chunk_bits(Region.ACT, cfg)),
-                 Region.LOGITS: _chunk(engine.rd_data, rd_chunk, chunk_bits(Region.LOGITS, cfg))}
+        words = {Region.PROGRAM: prog_r.data, Region.LABELS: lab_r.data,
+                 Region.RESULTS: res_r.data}
         # reset-less: those straight after a block RAM become its output register
         # (platforms.outreg)
         held = {r: Signal(32, name=f"rd_{r.name.lower()}", reset_less=True) for r in words}
         m.d.sync += [held[r].eq(w) for r, w in words.items()]
-        # the registers, the samples and the adapters' port have registered their words
-        # in cycle 1 themselves, and choose one in cycle 2 (group, segment, bank)
+        # the registers, the samples, the adapters' port and the layer engine have
+        # registered their words in cycle 1 themselves, and choose one in cycle 2 (group,
+        # segment, bank, memory and chunk)
         held[Region.REGS] = rd_reg
         held[Region.SAMPLES] = smp.r_data
         held[Region.ADAPTERS] = ad.mem_rmaster
+        held[Region.ACT] = _chunk(act8, rd2_chunk, chunk_bits(Region.ACT, cfg))
+        held[Region.LOGITS] = _chunk(engine.rd_data, rd2_chunk, chunk_bits(Region.LOGITS, cfg))
         held2 = {r: Signal(32, name=f"rd2_{r.name.lower()}") for r in held}
         m.d.sync += [held2[r].eq(w) for r, w in held.items()]
         rd2_valid, rd2_region, rd2_refused = Signal(), Signal(Region), Signal()

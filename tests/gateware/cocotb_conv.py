@@ -80,6 +80,7 @@ class Engine:
             self.dut.rd_mem.value = mem
             self.dut.rd_addr.value = base + a
             await RisingEdge(self.dut.clk)
+            await RisingEdge(self.dut.clk)          # the port takes two cycles
             await ReadOnly()
             got.append(int(self.dut.rd_data.value))
             await FallingEdge(self.dut.clk)

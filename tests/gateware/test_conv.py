@@ -34,7 +34,7 @@ async def read_engine(ctx, dut, mem, base, count):
     for a in range(count):
         ctx.set(dut.rd_mem, mem)
         ctx.set(dut.rd_addr, base + a)
-        await ctx.tick()
+        await ctx.tick().repeat(2)                  # the port takes two cycles
         got.append(ctx.get(dut.rd_data))
     return got
 

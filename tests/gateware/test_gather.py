@@ -140,7 +140,7 @@ async def peek(ctx, bench, addrs, mem=MEM_ACT):
     ctx.set(bench.peek_mem, mem)
     for a in addrs:
         ctx.set(bench.peek_addr, a)
-        await ctx.tick()
+        await ctx.tick().repeat(2)                  # the port takes two cycles
         got.append(ctx.get(bench.engine.rd_data))
     ctx.set(bench.peek, 0)
     return from_words(got, C, 16)
