@@ -26,7 +26,8 @@ Each new output is the old one in every cycle, so the pass folds a port only whe
   gateware declares the registers after its RAM reads ``reset_less`` (their contents
   mean nothing until a read), and the moved cells must give zero on the new
   flip-flops' zeros;
-- the port's own reset is unused.
+- the port's own reset is unused, and the RAM is not in its 36-bit mode (where one read
+  comes out of both ports).
 
 A port that misses any of these is left as yosys made it.
 """
@@ -110,6 +111,11 @@ class _Netlist:
         return self.next_bit - 1
 
 
+def _number(value):
+    """A parameter's integer: yosys writes them as binary strings."""
+    return int(value, 2) if isinstance(value, str) else int(value)
+
+
 def _enable(cell, clock):
     """The clock enable of a flip-flop that a port's output register can stand for
     (``"1"`` for none), or None."""
@@ -152,6 +158,11 @@ def _plan(net, ram, x):
     or None if it does not."""
     p, c = net.cells[ram]["parameters"], net.cells[ram]["connections"]
     if p.get(f"REGMODE_{x}", "NOREG") != "NOREG" or p.get(f"CLK{x}MUX", f"CLK{x}") != f"CLK{x}":
+        return None
+    # 36 bits wide, the RAM reads through both ports' outputs at once (yosys's
+    # pseudo-dual-port mapping); which output register then holds which half is not
+    # something this pass assumes
+    if 36 in (_number(p.get("DATA_WIDTH_A", 18)), _number(p.get("DATA_WIDTH_B", 18))):
         return None
     if not (_is_const(c.get(f"RST{x}", ["0"]), "0") and _is_const(c.get(f"OCE{x}", ["1"]), "1")):
         return None

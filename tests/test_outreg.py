@@ -308,6 +308,20 @@ def test_folded_netlist_is_the_same_circuit(netlists):
         assert changes > cycles // 4, (o, changes)
 
 
+def test_a_ram_in_36_bit_mode_is_left_alone(netlists):
+    """yosys reads 32-bit words of a shallow memory through both ports of one DP16KD at
+    36 bits (the adapter's banks, the program): the pass does not fold those."""
+    _, plain, _, _ = netlists
+    net = json.loads(json.dumps(plain))
+    for r in _rams(net)["cross"], _rams(net)["fold"]:
+        r["parameters"]["DATA_WIDTH_A"] = r["parameters"]["DATA_WIDTH_B"] = format(36, "032b")
+    fold_output_registers(net)
+    rams = _rams(net)
+    assert all(rams[n]["parameters"][f"REGMODE_{x}"] == "NOREG" for n in ("cross", "fold") for x in "AB")
+    assert "OUTREG" in (rams["bank0"]["parameters"]["REGMODE_A"], rams["bank0"]["parameters"]["REGMODE_B"],
+                        rams["bank1"]["parameters"]["REGMODE_A"], rams["bank1"]["parameters"]["REGMODE_B"])
+
+
 def _route(d, nextpnr):
     subprocess.run([nextpnr, "--25k", "--package", "CABGA381", "--speed", "6", "--json", "top.json",
                     "--freq", "100", "--timing-allow-fail", "--seed", "1", "--report", "report.json",
