@@ -406,8 +406,10 @@ class ActivationCache(wiring.Component):
 
         m.submodules.fifo = fifo = SyncFIFO(width=read_layout(cfg).size, depth=READ_FIFO_DEPTH)
         s1_valid, s2_valid = Signal(), Signal()
-        credit = Signal()
-        m.d.comb += credit.eq(fifo.level + s1_valid + s2_valid < READ_FIFO_DEPTH)
+        # room for one more: the beats in the FIFO and in flight below its depth. It is
+        # worked out a cycle ahead into a register (what enters and leaves this cycle
+        # counted), so that its adder does not lie in front of the walk's address adders.
+        credit = Signal(init=1)
 
         # The clear waits as long as a lookup does, so that it lands between the
         # lookups accepted before and after its strobe.
@@ -499,6 +501,8 @@ class ActivationCache(wiring.Component):
             self.read.payload.eq(fifo.r_data),
             fifo.r_en.eq(self.read.ready),
         ]
+        m.d.sync += credit.eq(fifo.level + s1_valid + s2_valid + (issue | issue_miss)
+                              - (fifo.r_rdy & self.read.ready) < READ_FIFO_DEPTH)
 
         m.d.comb += self.busy.eq(sweeping | primed | in_packet | wa.en | bank[0].w_en | bank[1].w_en
                                  | (state != _ReadState.IDLE) | s1_valid | s2_valid
