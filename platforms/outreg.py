@@ -55,12 +55,13 @@ def _is_const(bits, value):
 
 
 class _Netlist:
-    """The top module's cells with the sinks of every net, kept up to date as cells are
-    rewired, added and removed."""
+    """The top module's cells with the driver and the sinks of every net, kept up to
+    date as cells are rewired, added and removed."""
 
     def __init__(self, module):
         self.cells = module["cells"]
         self.sinks = collections.defaultdict(set)
+        self.driver = {}
         self.next_bit = 2
         for name, cell in self.cells.items():
             self._index(name, cell, add=True)
@@ -80,6 +81,10 @@ class _Netlist:
                 self.next_bit = max(self.next_bit, bit + 1)
                 if cell["port_directions"].get(port) != "output":
                     (self.sinks[bit].add if add else self.sinks[bit].discard)((name, port))
+                elif add:
+                    self.driver[bit] = name
+                elif self.driver.get(bit) == name:
+                    del self.driver[bit]
 
     def connect(self, name, port, bit):
         """Connect the one-bit ``port`` to ``bit``."""
@@ -90,6 +95,11 @@ class _Netlist:
                     self.sinks[old].discard((name, port))
             if isinstance(bit, int):
                 self.sinks[bit].add((name, port))
+        else:
+            for old in cell["connections"][port]:
+                if self.driver.get(old) == name:
+                    del self.driver[old]
+            self.driver[bit] = name
         cell["connections"][port] = [bit]
 
     def replace(self, name, port, old, new):
@@ -138,6 +148,9 @@ def _enable(cell, clock):
 # and the output each cell computes from them
 _COMB = {"LUT4": ("ABCD", "Z"), "PFUMX": (("ALUT", "BLUT", "C0"), "Z"),
          "L6MUX21": (("D0", "D1", "SD"), "Z")}
+# inputs that only a cell of one type may drive (nextpnr packs them into one slice): a
+# cell that moves takes its drivers of these with it
+_PACKED = {"PFUMX": (("ALUT", "BLUT"), "LUT4"), "L6MUX21": (("D0", "D1"), "PFUMX")}
 
 
 def _evaluate(cell, value):
@@ -202,6 +215,18 @@ def _plan(net, ram, x):
             return None
     if None in enables or len(enables) != 1:
         return None
+    grow = list(cone)
+    while grow:
+        cell = net.cells[grow.pop()]
+        ports, kind = _PACKED.get(cell["type"], ((), None))
+        for port in ports:
+            bit = cell["connections"][port][0]
+            driver = net.driver.get(bit)
+            if driver is None or net.cells[driver]["type"] != kind or len(net.sinks[bit]) != 1:
+                return None
+            if driver not in cone:
+                cone.add(driver)
+                grow.append(driver)
     # the output register starts at zero, and so do the new flip-flops: each cone must
     # then give the zero its flip-flop started at
     outputs = {net.cells[n]["connections"][_COMB[net.cells[n]["type"]][1]][0]: n for n in cone}

