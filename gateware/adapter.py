@@ -546,14 +546,17 @@ class AdapterDatapath(wiring.Component):
         # its compares: i == size_l - 1, i == rank - 1, l == n_layers - 1, l < n_layers.
         layer_end, row_end, last_layer, in_layers = Signal(), Signal(), Signal(), Signal()
 
+        def flags_at(l_next):
+            """The flags of (l_next, 0)."""
+            return [layer_end.eq(setup.layers[l_next].size == 1), row_end.eq(rank == 1),
+                    last_layer.eq(l_next + 1 == n_layers), in_layers.eq(l_next < n_layers)]
+
         def walk_to(l_next, i_next, l_stays):
             """(l, i) := (l_next, i_next): ``i_next`` is 0 or i + 1 (``l_stays``)."""
             if l_stays:
                 size = setup.layers[l].size
                 return [i.eq(i_next), layer_end.eq(i + 2 == size), row_end.eq(i + 2 == rank)]
-            return [l.eq(l_next), i.eq(i_next),
-                    layer_end.eq(setup.layers[l_next].size == 1), row_end.eq(rank == 1),
-                    last_layer.eq(l_next + 1 == n_layers), in_layers.eq(l_next < n_layers)]
+            return [l.eq(l_next), i.eq(i_next)] + flags_at(l_next)
 
         def reset_walk(to_base_b):
             stmts = walk_to(0, 0, False) + [xptr.eq(0)]
@@ -583,9 +586,11 @@ class AdapterDatapath(wiring.Component):
             with m.Else():
                 m.d.sync += walk_to(l, i + 1, True) + [ptr.eq(ptr + rstride)]
 
-        # idle, the flags follow the setup (the FSM's steps below take precedence)
+        # idle, the flags follow the setup (the FSM's steps below take precedence). The
+        # walk itself is at (0, 0) then: every way back to IN resets it, so l and i do
+        # not depend on busy (it was on the 45F's worst path, into l)
         with m.If(~self.busy):
-            m.d.sync += walk_to(0, 0, False)
+            m.d.sync += flags_at(0)
 
         src = self.i_stream
         gin = self.g_stream
