@@ -84,8 +84,15 @@ class ConvUnit(wiring.Component):
         finished = Signal()                         # the last output word and array row are taken
         m.d.comb += self.busy.eq(feeding | draining)
         begin = self.start & ~self.busy
+        k_last, tile_last, group_last = Signal(16), Signal(12), Signal(8)
+        c_last_in, kj_last = Signal(12), Signal(8)
         with m.If(begin):
             m.d.sync += [d.eq(self.desc), feeding.eq(1), draining.eq(1)]
+            # the reduction loop's bounds less one, taken with the descriptor: its compares
+            # then have no subtractor in front (one was the 25F's worst path)
+            m.d.sync += [k_last.eq(self.desc.k_len - 1), tile_last.eq(self.desc.tiles - 1),
+                         group_last.eq(self.desc.g_out - 1), c_last_in.eq(self.desc.cin - 1),
+                         kj_last.eq(self.desc.kw - 1)]
         with m.If(finished):
             m.d.sync += draining.eq(0)
 
@@ -181,22 +188,22 @@ class ConvUnit(wiring.Component):
                          koff.eq(0), kc.eq(0), tile.eq(0), group.eq(0), w_addr.eq(self.desc.w_base),
                          w_group.eq(self.desc.w_base), b_valid.eq(0), c_valid.eq(0)]
         with m.Elif(issue):
-            m.d.sync += [b_lane.eq(lane), b_last.eq(k == d.k_len - 1), first.eq(k == d.k_len - 1)]
-            with m.If(k == d.k_len - 1):
+            m.d.sync += [b_lane.eq(lane), b_last.eq(k == k_last), first.eq(k == k_last)]
+            with m.If(k == k_last):
                 m.d.sync += [k.eq(0), lane.eq(0), c.eq(0), ki.eq(0), kj.eq(0), koff.eq(0),
                              kc.eq(0)]
-                with m.If(tile == d.tiles - 1):
+                with m.If(tile == tile_last):
                     m.d.sync += [tile.eq(0), group.eq(group + 1),
                                  w_addr.eq(w_group + d.k_len), w_group.eq(w_group + d.k_len)]
-                    with m.If(group == d.g_out - 1):
+                    with m.If(group == group_last):
                         m.d.sync += feeding.eq(0)
                 with m.Else():
                     m.d.sync += [tile.eq(tile + 1), w_addr.eq(w_group)]
             with m.Else():
                 m.d.sync += [k.eq(k + 1), w_addr.eq(w_addr + 1)]
-                with m.If(c == d.cin - 1):
+                with m.If(c == c_last_in):
                     m.d.sync += [c.eq(0), lane.eq(0)]
-                    with m.If(kj == d.kw - 1):
+                    with m.If(kj == kj_last):
                         m.d.sync += [kj.eq(0), ki.eq(ki + 1), koff.eq(koff + d.k_row_step),
                                      kc.eq(koff + d.k_row_step)]
                     with m.Else():
