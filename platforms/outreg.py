@@ -292,8 +292,9 @@ def _fold(net, ram, x, enable, direct, cone, roots):
 
 def fold_output_registers(netlist):
     """Give, in place, the DP16KD read ports whose data only flip-flops use (directly or
-    through one LUT) their output register; returns ``{"ports": n, "flip_flops": m}``:
-    the ports, and the flip-flops they replaced (new ones on LUT inputs not counted)."""
+    through LUTs and multiplexers) their output register; returns ``{"ports": n,
+    "flip_flops": m}``: the ports, and the flip-flops they replaced (the new ones on the
+    moved cells' inputs not counted)."""
     net = _Netlist(_top(netlist))
     folded = {"ports": 0, "flip_flops": 0}
     for ram in sorted(name for name, cell in net.cells.items() if cell["type"] == "DP16KD"):
