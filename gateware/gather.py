@@ -8,7 +8,7 @@ each pixel padded to ``groups`` words of C int8 lanes). The 4-bit format is the 
 format whether it comes from the cache or from the frozen network.
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed
+from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
@@ -20,14 +20,16 @@ from firmware.layers import ADDR_BITS
 from .cache import four_bit_code
 from .layer_engine import MEM_ACT, MEM_LOGIT, load_layout
 from .layouts import class_bits, fill_layout, index_bits, sample_layout
+from .segmented import SegmentedRAM
 
 __all__ = ["GatherUnit", "sample_byte_bits"]
 
 # Entries of the read-ahead FIFOs: the entries in the read pipeline and the one leaving
 # are all counted against it, so the pipeline's stages plus 2 keep one per cycle. MOVE's
-# words: the RAM and the sample memory's segment register; GATHER's beats: the RAM, the
+# words: the sample memory's read (a `SegmentedRAM`); GATHER's beats: the RAM, the
 # engine's word register and the lane register.
-WORD_FIFO_DEPTH = 4
+SMP_LATENCY = SegmentedRAM.LATENCY
+WORD_FIFO_DEPTH = SMP_LATENCY + 2
 BEAT_FIFO_DEPTH = 5
 SAMPLE_WORD_BYTES = 4           # the sample memory: 32-bit words, little end first
 
@@ -108,9 +110,9 @@ class GatherUnit(wiring.Component):
         the (i, j, c) order.
     smp_addr : Out(sample_byte_bits - 2),  smp_data : In(32)
         Read port of the sample memory (32-bit words, byte ``a`` in bits ``8 * (a % 4)``
-        up of word ``a // 4``): ``smp_data`` is the word at the ``smp_addr`` of two
-        cycles before, from a register and a multiplexer (`gateware.segmented`). Read
-        every cycle, no enable.
+        up of word ``a // 4``): ``smp_data`` is the word at the ``smp_addr`` of
+        `SMP_LATENCY` = 3 cycles before, from registers and a multiplexer
+        (`gateware.segmented`). Read every cycle, no enable.
     load : Out(stream.Signature(``gateware.layer_engine.load_layout(C, acc_bits)``))
         MOVE's writes: ``mem`` = MEM_ACT, pixel ``p``'s word ``g`` at ``base_0 + p *
         groups_0 + g``, lanes past ``tail_0`` in a pixel's last word zero. The layer
@@ -145,11 +147,11 @@ class GatherUnit(wiring.Component):
     ------
     - MOVE: the sample's words are read in order from the cycle of the strobe on (the
       strobe's ``src`` addresses the first) and queued in a 4-word FIFO
-      on credit; the first is at its head 3 cycles after the strobe. From then on each
+      on credit; the first is at its head 4 cycles after the strobe. From then on each
       cycle takes the bytes of the head word that belong to the current activation
       word (up to 4, fewer at the end of either), and the activation word is on
-      ``load`` in the cycle after its last byte was taken. ``busy`` falls ``T + 6`` or
-      ``T + 7`` cycles after the strobe, once the words read past the sample's end have
+      ``load`` in the cycle after its last byte was taken. ``busy`` falls ``T + 8`` or
+      ``T + 9`` cycles after the strobe, once the words read past the sample's end have
       drained, ``T`` the sum over the activation words of the sample words each one's
       bytes lie in: ``d_0`` for one lane per word (one byte per cycle), ``2 * pixels *
       groups`` for whole words of C = 8 from a 4-aligned ``src``, ``3 * pixels *
@@ -168,10 +170,10 @@ class GatherUnit(wiring.Component):
       other's ``ready``.
 
     Measured (tests/gateware/test_gather.py, on the layer engine, default configuration):
-    digits MOVE of 64 bytes, words on ``load`` 4 .. 67 cycles after the strobe, ``busy``
-    low from cycle 70 or 71; digits GATHER of 288 activations + 10 logits to both destinations,
+    digits MOVE of 64 bytes, words on ``load`` 5 .. 68 cycles after the strobe, ``busy``
+    low from cycle 72 or 73; digits GATHER of 288 activations + 10 logits to both destinations,
     beats 5 .. 302 cycles after the strobe, ``busy`` low from cycle 303. The fan model's
-    input (1, 1, 256): 70 cycles from a 4-aligned ``src``, 103 from another.
+    input (1, 1, 256): 72 cycles from a 4-aligned ``src``, 105 from another.
     """
 
     def __init__(self, cfg):
@@ -223,17 +225,19 @@ class GatherUnit(wiring.Component):
         m.submodules.words = words = SyncFIFO(width=8 * SAMPLE_WORD_BYTES, depth=WORD_FIFO_DEPTH)
         fetching = Signal()
         f_addr = Signal(len(self.smp_addr))
-        f1, f2 = Signal(), Signal()                     # a word in the RAM; on smp_data
-        f_credit = words.level + f1 + f2 < WORD_FIFO_DEPTH
+        # a word in the sample memory's read, one signal per cycle; the last: on smp_data
+        f = [Signal(name=f"f{k + 1}") for k in range(SMP_LATENCY)]
+        f_credit = words.level + sum(f) < WORD_FIFO_DEPTH
         f_issue = fetching & f_credit
         move_strobe = ~self.busy & self.move            # a MOVE is taken (see "strobes")
         # idle, the strobe's ``src`` is addressed: its word is read in the strobe's cycle
         m.d.comb += self.smp_addr.eq(Mux(fetching, f_addr, self.src[2:]))
-        m.d.sync += [f1.eq(f_issue | move_strobe), f2.eq(f1)]
+        m.d.sync += [f[0].eq(f_issue | move_strobe)]
+        m.d.sync += [b.eq(a) for a, b in zip(f, f[1:])]
         with m.If(f_issue):
             m.d.sync += f_addr.eq(f_addr + 1)
-        m.d.comb += [words.w_data.eq(self.smp_data), words.w_en.eq(f2),
-                     fetched.eq(f1 | f2 | words.r_rdy)]
+        m.d.comb += [words.w_data.eq(self.smp_data), words.w_en.eq(f[-1]),
+                     fetched.eq(Cat(f).any() | words.r_rdy)]
 
         # ------------------------------------------------------------ MOVE: merge
         # A step moves ``take`` bytes of the FIFO's head (the sample word whose bytes from

@@ -6,7 +6,14 @@ with a multiplexer behind the outputs, and that multiplexer plus the route to it
 leaves no 10 ns cycle: a 68-block cascade ran at 41-48 MHz, a 56-block sample memory
 into a register at 76 MHz. Here the memory is cut into segments of eight DP16KD side by
 side (each in its 1, 2, 4 ... bit mode, so no segment needs a multiplexer), each
-segment's word is registered, and only then is one chosen.
+segment's word is registered twice, and only then is one chosen.
+
+Why twice: the first register becomes the DP16KD's own output register
+(`platforms.outreg`), and yosys keeps a LUT after the block RAM (its bypass that makes a
+read in the cycle of a write to the same word give the old word), which then lies after
+that register. On the 85F the route from a segment's blocks to that LUT took 5.5 ns, and
+with the multiplexer and the user's logic behind it this was the worst path (16.2 ns);
+the second register ends the path at the LUT.
 """
 
 from amaranth import Module, Signal
@@ -40,9 +47,10 @@ class SegmentedRAM(wiring.Component):
     r_addr : In
         Read address; no enable, a read every cycle.
     r_data : Out(width)
-        The word at the ``r_addr`` of two cycles before (cycle 1: the block RAM; cycle 2:
-        the segment registers, then a multiplexer by the registered segment number). A
-        write and a read of the same word in one cycle read the old word.
+        The word at the ``r_addr`` of `LATENCY` = 3 cycles before (cycle 1: the block
+        RAM; cycles 2 and 3: the segment registers, then a multiplexer by the registered
+        segment number). A write and a read of the same word in one cycle read the old
+        word.
 
     Attributes
     ----------
@@ -50,6 +58,8 @@ class SegmentedRAM(wiring.Component):
         Word ``a`` is ``segments[a // n][a % n]`` (`location`), for testbenches; ``init``
         (optional) is split among them.
     """
+
+    LATENCY = 3
 
     def __init__(self, width, depth, init=()):
         self._seg = segment_words(width)
@@ -77,20 +87,24 @@ class SegmentedRAM(wiring.Component):
         for g, seg in enumerate(self.segments):
             mem = m.submodules[f"seg{g}"] = Memory(data=seg)
             wp, rp = mem.write_port(), mem.read_port()
-            q.append(Signal(seg.shape, name=f"seg{g}_q", reset_less=True))   # no LUT before it
+            # reset-less, with no LUT before the first: it can be the block's own register
+            q1 = Signal(seg.shape, name=f"seg{g}_q1", reset_less=True)
+            q.append(Signal(seg.shape, name=f"seg{g}_q2", reset_less=True))
             m.d.comb += [
                 wp.addr.eq(self.w_addr[:low]),
                 wp.data.eq(self.w_data),
                 wp.en.eq(self.w_en & (self.w_addr[low:] == g)),
                 rp.addr.eq(self.r_addr[:low]),
             ]
-            m.d.sync += q[g].eq(rp.data)
+            m.d.sync += [q1.eq(rp.data), q[g].eq(q1)]
         if n == 1:
             m.d.comb += self.r_data.eq(q[0])
         else:
-            sel1, sel2 = Signal(range(n), reset_less=True), Signal(range(n), reset_less=True)
-            m.d.sync += [sel1.eq(self.r_addr[low:]), sel2.eq(sel1)]
-            with m.Switch(sel2):
+            # the segment number follows the word through the same registers
+            sel = [Signal(range(n), name=f"sel{k}", reset_less=True) for k in range(self.LATENCY)]
+            m.d.sync += [sel[0].eq(self.r_addr[low:])]
+            m.d.sync += [b.eq(a) for a, b in zip(sel, sel[1:])]
+            with m.Switch(sel[-1]):
                 for g in range(n):
                     with m.Case(g):
                         m.d.comb += self.r_data.eq(q[g])

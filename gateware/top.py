@@ -102,7 +102,7 @@ class Accelerator(wiring.Component):
         for port, reg in ((prog_w, Region.PROGRAM), (lab_w, Region.LABELS)):
             m.d.comb += [port.addr.eq(offset), port.data.eq(self.wdata),
                          port.en.eq(host_we & (region == reg))]
-        # the samples fill most of the block RAM: its read takes two cycles
+        # the samples fill most of the block RAM: its read takes three cycles
         m.submodules.samples = smp = SegmentedRAM(32, cfg.sample_words // 4)
         m.d.comb += [smp.w_addr.eq(offset), smp.w_data.eq(self.wdata),
                      smp.w_en.eq(host_we & (region == Region.SAMPLES))]
@@ -278,16 +278,18 @@ class Accelerator(wiring.Component):
         # (platforms.outreg)
         held = {r: Signal(32, name=f"rd_{r.name.lower()}", reset_less=True) for r in words}
         m.d.sync += [held[r].eq(w) for r, w in words.items()]
-        # the registers, the samples, the adapters' port and the layer engine have
-        # registered their words in cycle 1 themselves, and choose one in cycle 2 (group,
-        # segment, bank, memory and chunk)
+        # the registers, the adapters' port and the layer engine have registered their
+        # words in cycle 1 themselves, and choose one in cycle 2 (group, bank, memory and
+        # chunk)
         held[Region.REGS] = rd_reg
-        held[Region.SAMPLES] = smp.r_data
         held[Region.ADAPTERS] = ad.mem_rmaster
         held[Region.ACT] = _chunk(act8, rd2_chunk, chunk_bits(Region.ACT, cfg))
         held[Region.LOGITS] = _chunk(engine.rd_data, rd2_chunk, chunk_bits(Region.LOGITS, cfg))
         held2 = {r: Signal(32, name=f"rd2_{r.name.lower()}") for r in held}
         m.d.sync += [held2[r].eq(w) for r, w in held.items()]
+        # the samples' word has passed its memory's registers and segment multiplexer
+        assert SegmentedRAM.LATENCY == 3
+        held2[Region.SAMPLES] = smp.r_data
         rd2_valid, rd2_region, rd2_refused = Signal(), Signal(Region), Signal()
         rd3_region, rd3_refused = Signal(Region), Signal()
         m.d.sync += [rd2_valid.eq(rd_valid), rd2_region.eq(rd_region), rd2_refused.eq(rd_refused),

@@ -372,7 +372,7 @@ def test_fill_framing_errors():
 
 def test_timing():
     """The cycle counts the docstring promises, with no bubbles and no stalls: a fill of
-    n beats in n + 1 cycles, the first read beat 6 cycles after its request (5 for a
+    n beats in n + 1 cycles, the first read beat 7 cycles after its request (6 for a
     miss), back-to-back hits every n + 2 cycles and misses every 2 cycles, one read beat
     per cycle within a packet."""
     model, acts, base = real_samples("digits")
@@ -420,7 +420,7 @@ def test_timing():
     acc = t["accepts"]
     assert [b - a for a, b in zip(acc, acc[1:])] == [n + 2, n + 2, 2, 2]
     firsts = [now for now, b in t["beats"] if b[3]]
-    assert [f - a for f, a in zip(firsts, acc)] == [6, 6, 5, 5, 6]
+    assert [f - a for f, a in zip(firsts, acc)] == [7, 7, 6, 6, 7]
     cycles = [now for now, _ in t["beats"]]
     assert cycles[n - 1] - cycles[0] == n - 1          # one beat per cycle within a packet
 

@@ -341,7 +341,7 @@ def test_move(geometry, src, base, stall):
     """The bytes of a sample stored compactly at byte ``src`` land at word ``base`` as
     `pack_activations` lays them out, zero lanes past the channels, the words around
     untouched; without stalls in one cycle per sample word each activation word touches,
-    plus 6 or 7."""
+    plus 8 or 9."""
     if geometry == "digits":
         model, acts, _ = real_samples("digits")
         geometry = tuple(model.layers[0].in_shape)
@@ -354,8 +354,9 @@ def test_move(geometry, src, base, stall):
     assert (words[inner] == want).all()
     assert (words[-1] == JUNK).all() and (base == 0 or (words[0] == JUNK).all())
     if not stall:
-        # two more at the start (the read-ahead) and 2 to 3 at the end (its drain)
-        assert cycles - sum(sample_words_touched(geometry, src)) in (6, 7)
+        # the sample memory's latency at the start, the words read ahead past the
+        # sample's end at the end (they drain)
+        assert cycles - sum(sample_words_touched(geometry, src)) in (8, 9)
 
 
 # ---------------------------------------------------------------- timing
@@ -364,8 +365,8 @@ def test_timing_digits():
     """The cycles the docstring states, measured on digits (one coroutine, one tick per
     step): GATHER of 288 activations + 10 logits to both destinations at full rate, the
     first beat 5 cycles after the strobe and one beat per cycle, ``busy`` falling 303
-    cycles after it; MOVE of the 64 input bytes, words written 4 .. 67 cycles after
-    its strobe, one per cycle, ``busy`` falling 3 or 4 cycles after the last. Strobes while busy are ignored."""
+    cycles after it; MOVE of the 64 input bytes, words written 5 .. 68 cycles after
+    its strobe, one per cycle, ``busy`` falling 4 or 5 cycles after the last. Strobes while busy are ignored."""
     model, acts, base = real_samples("digits")
     xs = split_layers(model, acts)
     n = acts.shape[1] + model.classes
@@ -408,6 +409,6 @@ def test_timing_digits():
 
     run(bench, main)
     writes, move_end = t["move"]
-    assert writes == list(range(4, 68)) and move_end in (70, 71)
+    assert writes == list(range(5, 69)) and move_end in (72, 73)
     beats, gather_end = t["gather"]
     assert beats == list(range(5, 5 + n)) and gather_end == n + 5 == 303

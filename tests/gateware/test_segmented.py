@@ -1,5 +1,5 @@
 """SegmentedRAM (gateware/segmented.py) in Amaranth's simulator against a Python list:
-random writes and one read per cycle, each read's word two cycles later, across the
+random writes and one read per cycle, each read's word three cycles later (`LATENCY`), across the
 segments' boundaries; a write and a read of one word in a cycle read the old word."""
 
 import random
@@ -23,6 +23,7 @@ def test_reads_follow_writes(width, depth):
     dut = SegmentedRAM(width, depth, init=init)
     n_seg = -(-depth // segment_words(width))
     assert len(dut.segments) == n_seg
+    assert dut.LATENCY == 3
     model = list(init)
     # addresses near the segments' edges and anywhere
     edges = [g * segment_words(width) + d for g in range(n_seg) for d in (-1, 0, 1)]
@@ -44,8 +45,8 @@ def test_reads_follow_writes(width, depth):
             if write:
                 model[wa] = wd
             await ctx.tick()
-            if len(pending) == 2:
-                # the cycle after the tick shows the word of the address one tick older
+            if len(pending) == 3:
+                # the cycle after the tick shows the word of the address two ticks older
                 want_a, want = pending.pop(0)
                 got = ctx.get(dut.r_data)
                 if got != want:
