@@ -36,7 +36,8 @@ from firmware.isa import H_SHIFT_BITS
 from firmware.isa import adapter_setup_layout as setup_layout
 
 from .config import DEFAULT, AccelConfig
-from .layouts import class_bits, ram_style, loss_in_layout, loss_out_layout, sample_layout
+from .layouts import class_bits, loss_in_layout, loss_out_layout, sample_layout
+from .ram import ram_style, read_register
 
 __all__ = ["AdapterDatapath", "setup_layout", "master_port", "grad_bits", "row_mask",
            "H_SHIFT_BITS"]
@@ -385,14 +386,11 @@ class AdapterDatapath(wiring.Component):
         # T1: memory data valid; register it raw (a DP16KD's clock-to-out is long)
         x1 = Signal(signed(cfg.act_bits))
         m.d.sync += x1.eq(xI)
-        # reset-less: the build folds them into the banks' output registers (platforms.outreg)
-        mraw = [Signal(signed(cfg.master_bits), name=f"mraw{b}", reset_less=True) for b in range(P)]
-        graw = [Signal(signed(GW), name=f"graw{b}", reset_less=True) for b in range(P)]
+        mraw = [read_register(m, p, f"mraw{b}") for b, p in enumerate(mrd)]
+        graw = [read_register(m, p, f"graw{b}") for b, p in enumerate(grd)]
         h2 = Signal(signed(HB))
         e2 = Signal(data.ArrayLayout(signed(HB), P))
         xv2 = Signal(signed(cfg.act_bits))
-        m.d.sync += [r.eq(p.data) for r, p in zip(mraw, mrd)]
-        m.d.sync += [r.eq(p.data) for r, p in zip(graw, grd)]
         # the port's word is chosen from these registers, not from the banks' outputs
         port_sel = [Signal(max(1, LP), name=f"port_sel{t}") for t in range(2)]
         m.d.sync += [port_sel[0].eq(bank_of(self.mem_addr)), port_sel[1].eq(port_sel[0])]

@@ -13,7 +13,7 @@ from amaranth.lib.wiring import In, Out
 
 from firmware.layers import ADDR_BITS, ConvDescriptor
 from .conv import ConvUnit
-from .layouts import ram_style
+from .ram import ram_style, read_register
 from .systolic import SystolicArray
 
 __all__ = ["LayerEngine", "MEM_ACT", "MEM_WEIGHT", "MEM_BIAS", "MEM_LOGIT"]
@@ -27,15 +27,6 @@ def load_layout(cols, acc_width=32):
     return data.StructLayout({
         "mem": unsigned(2), "addr": unsigned(ADDR_BITS), "data": unsigned(acc_width * cols),
     })
-
-
-def _registered(m, port, name):
-    """``port``'s word in a reset-less register loaded when the port reads: what the
-    build makes the block RAM's output register."""
-    q = Signal.like(port.data, name=name, reset_less=True)
-    with m.If(port.en):
-        m.d.sync += q.eq(port.data)
-    return q
 
 
 class LayerEngine(wiring.Component):
@@ -116,7 +107,7 @@ class LayerEngine(wiring.Component):
                              rp.en.eq(Mux(conv.busy, port.en, 1))]
             else:
                 m.d.comb += [rp.addr.eq(port.addr), rp.en.eq(port.en)]
-            copies.append(_registered(m, rp, f"act{r}_q"))
+            copies.append(read_register(m, rp, f"act{r}_q"))
             m.d.comb += port.data.eq(copies[-1])
 
         for name, mem_id, width, depth in (("weight", MEM_WEIGHT, 8, cfg.weight_words // C),
@@ -130,7 +121,7 @@ class LayerEngine(wiring.Component):
                          wp.data.eq(load.data[:width * C])]
             port = getattr(conv, name)
             m.d.comb += [rp.addr.eq(port.addr), rp.en.eq(port.en),
-                         port.data.eq(_registered(m, rp, "weight_q") if name == "weight" else rp.data)]
+                         port.data.eq(read_register(m, rp, "weight_q") if name == "weight" else rp.data)]
 
         logit_depth = math.ceil(cfg.max_classes / C)
         logits = memory.Memory(shape=unsigned(16 * C), depth=logit_depth, init=[])
@@ -142,7 +133,7 @@ class LayerEngine(wiring.Component):
         m.d.comb += [lw.en.eq(writing & wide), lw.addr.eq(out.addr),
                      lw.data.eq(logit_w), lr.addr.eq(self.rd_addr)]
 
-        logit_q = _registered(m, lr, "logit_q")
+        logit_q = read_register(m, lr, "logit_q")
         act_lanes = Signal(16 * C)
         for j in range(C):
             m.d.comb += act_lanes.word_select(j, 16).eq(copies[0].word_select(j, 8).as_signed())

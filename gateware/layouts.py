@@ -10,19 +10,9 @@ from amaranth.lib import data
 
 from firmware.isa import FSHIFT_BITS
 
-__all__ = ["LUT_RAM_DEPTH", "ram_style", "feed_layout", "result_layout", "conv_out_layout", "class_bits", "loss_in_layout",
+__all__ = ["feed_layout", "result_layout", "conv_out_layout", "class_bits", "loss_in_layout",
            "loss_out_layout", "index_bits", "fill_layout", "request_layout", "read_layout",
            "sample_layout", "DW_BITS", "FSHIFT_BITS", "update_in_layout", "update_out_layout"]
-
-# Memories at most this deep and wider than a DP16KD port go to LUT RAM (``ram_style``):
-# in block RAM they would fill a fraction of each of several DP16KD.
-LUT_RAM_DEPTH = 128
-
-
-def ram_style(depth):
-    """The ``attrs`` of a `Memory` wider than a DP16KD port: LUT RAM when at most
-    `LUT_RAM_DEPTH` deep, else None (yosys chooses)."""
-    return {"ram_style": "distributed"} if depth <= LUT_RAM_DEPTH else None
 
 
 def feed_layout(rows, cols, width=8):

@@ -20,6 +20,7 @@ from .adapter import AdapterDatapath, master_port, next_multiple, row_mask
 from .config import DEFAULT, AccelConfig
 from .layouts import class_bits, sample_layout
 from .loss import LossUnit
+from .ram import read_register
 from .update import EXP_BITS, LATENCY, LFSR_BITS, UpdateUnit
 
 __all__ = ["LoraEngine", "lora_setup_layout", "COUNTER_BITS"]
@@ -219,10 +220,8 @@ class LoraEngine(wiring.Component):
         # keeps their block RAM's output off the update unit's first stage)
         v1, last1, v2, last2 = Signal(), Signal(), Signal(), Signal()
         fs1, fs2 = Signal(signed(FSHIFT_BITS)), Signal(signed(FSHIFT_BITS))
-        # reset-less: the build folds them into the RAMs' output registers (platforms.outreg)
-        m2, v2_word = Signal.like(mr.data, reset_less=True), Signal.like(vr.data, reset_less=True)
-        m.d.sync += [v2.eq(v1), last2.eq(last1), fs2.eq(fs1), m2.eq(mr.data),
-                     v2_word.eq(vr.data)]
+        m2, v2_word = read_register(m, mr, "m2"), read_register(m, vr, "v2_word")
+        m.d.sync += [v2.eq(v1), last2.eq(last1), fs2.eq(fs1)]
         ui = upd.i_stream
         m.d.comb += [
             ui.valid.eq(v2),

@@ -25,6 +25,7 @@ from amaranth.utils import bits_for, ceil_log2
 
 from .config import DEFAULT, AccelConfig
 from .layouts import class_bits, loss_in_layout, loss_out_layout
+from .ram import read_register
 
 __all__ = ["LossUnit", "exp_table"]
 
@@ -207,7 +208,7 @@ class LossUnit(wiring.Component):
         c = [Signal(cls_bits, name=f"cls{n}") for n in range(6)]
         lst = [Signal(name=f"last{n}") for n in range(6)]
         t2 = Signal(t_shape)
-        e4 = Signal(e_shape, reset_less=True)      # folded into the ROM's output register
+        e4 = read_register(m, er, "e4")                 # loaded with advance (er.en)
         prod5 = Signal(e_shape.width + q_bits)
 
         m.d.comb += [
@@ -231,7 +232,6 @@ class LossUnit(wiring.Component):
             shifted = diff >> t_shift if t_shift >= 0 else diff << -t_shift
             m.d.sync += [
                 t2.eq(Mux(shifted >= t_max, t_max, shifted)),
-                e4.eq(er.data),
                 prod5.eq(e4 * recip),
             ]
 

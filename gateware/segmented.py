@@ -22,6 +22,8 @@ from amaranth.lib.memory import Memory, MemoryData
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
+from .ram import read_register
+
 __all__ = ["SegmentedRAM", "segment_words"]
 
 SEGMENT_BITS = 8 * 16384        # eight DP16KD of 16 Kbit
@@ -87,8 +89,7 @@ class SegmentedRAM(wiring.Component):
         for g, seg in enumerate(self.segments):
             mem = m.submodules[f"seg{g}"] = Memory(data=seg)
             wp, rp = mem.write_port(), mem.read_port()
-            # reset-less, with no LUT before the first: it can be the block's own register
-            q1 = Signal(seg.shape, name=f"seg{g}_q1", reset_less=True)
+            q1 = read_register(m, rp, f"seg{g}_q1")
             q.append(Signal(seg.shape, name=f"seg{g}_q2", reset_less=True))
             m.d.comb += [
                 wp.addr.eq(self.w_addr[:low]),
@@ -96,7 +97,7 @@ class SegmentedRAM(wiring.Component):
                 wp.en.eq(self.w_en & (self.w_addr[low:] == g)),
                 rp.addr.eq(self.r_addr[:low]),
             ]
-            m.d.sync += [q1.eq(rp.data), q[g].eq(q1)]
+            m.d.sync += q[g].eq(q1)
         if n == 1:
             m.d.comb += self.r_data.eq(q[0])
         else:

@@ -18,6 +18,7 @@ from .gather import GatherUnit
 from .layer_engine import MEM_ACT, MEM_BIAS, MEM_LOGIT, MEM_WEIGHT, LayerEngine
 from .layouts import class_bits, sample_layout
 from .lora import LoraEngine
+from .ram import read_register
 from .segmented import SegmentedRAM
 from .sequencer import Sequencer
 from .skid import SkidBuffer
@@ -272,12 +273,8 @@ class Accelerator(wiring.Component):
         act8 = Signal(8 * C)
         for j in range(C):
             m.d.comb += act8.word_select(j, 8).eq(engine.rd_data.word_select(j, 16)[:8])
-        words = {Region.PROGRAM: prog_r.data, Region.LABELS: lab_r.data,
-                 Region.RESULTS: res_r.data}
-        # reset-less: those straight after a block RAM become its output register
-        # (platforms.outreg)
-        held = {r: Signal(32, name=f"rd_{r.name.lower()}", reset_less=True) for r in words}
-        m.d.sync += [held[r].eq(w) for r, w in words.items()]
+        ports = {Region.PROGRAM: prog_r, Region.LABELS: lab_r, Region.RESULTS: res_r}
+        held = {r: read_register(m, port, f"rd_{r.name.lower()}") for r, port in ports.items()}
         # the registers, the adapters' port and the layer engine have registered their
         # words in cycle 1 themselves, and choose one in cycle 2 (group, bank, memory and
         # chunk)

@@ -23,8 +23,8 @@ Each new output is the old one in every cycle, so the pass folds a port only whe
 - they share one clock enable (or none), which becomes the port's ``OCEx`` and the new
   flip-flops' enable;
 - none has a reset and each starts at zero, as the output register does; so the
-  gateware declares the registers after its RAM reads ``reset_less`` (their contents
-  mean nothing until a read), and the moved cells must give zero on the new
+  gateware takes its RAM reads into reset-less registers (``gateware.ram.read_register``;
+  their contents mean nothing until a read), and the moved cells must give zero on the new
   flip-flops' zeros;
 - the port's own reset is unused, and the RAM is not in its 36-bit mode (where one read
   comes out of both ports).
