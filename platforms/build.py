@@ -10,6 +10,8 @@
   nextpnr's utilization table under ``all``);
 - ``output_registers``: the block RAM ports whose output register holds their reads
   (`platforms.outreg`, run between yosys and nextpnr) and the flip-flops it replaced;
+- ``multiplier_registers``: the MULT18X18Ds whose output register holds their products
+  (`platforms.dspreg`, run after it) and the flip-flops it replaced;
 - ``tools`` (the YoWASP package and tool versions), ``seed``, ``seconds`` per step.
 """
 
@@ -103,14 +105,18 @@ class _Ticker:
             self.thread.join()
 
 
-# between yosys and nextpnr: fold the registers after block RAM reads into the RAMs
-_FOLD = r"""
+# between yosys and nextpnr (a command each): fold the registers after block RAM reads
+# into the RAMs, and those after multipliers into the multipliers
+_FOLD = [r"""
 {{invoke_tool("python")}} -m platforms.outreg {{name}}.json --summary outreg.json
-"""
+""", r"""
+{{invoke_tool("python")}} -m platforms.dspreg {{name}}.json --summary dspreg.json
+"""]
 
 
 def _folding(platform_class):
-    """``platform_class`` with `platforms.outreg` run on yosys's netlist before nextpnr."""
+    """``platform_class`` with `platforms.outreg` and `platforms.dspreg` run on yosys's
+    netlist before nextpnr."""
     class Folding(platform_class):
         @property
         def required_tools(self):
@@ -119,7 +125,7 @@ def _folding(platform_class):
         @property
         def command_templates(self):
             yosys, *rest = super().command_templates
-            return [yosys, _FOLD, *rest]
+            return [yosys, *_FOLD, *rest]
 
     Folding.__name__ = platform_class.__name__
     return Folding
@@ -155,7 +161,7 @@ def build_bitstream(board, root="build", seed=1, progress=False, cfg=None, core=
     paths = tool_paths()
     directory = os.path.join(root, board)
     os.makedirs(directory, exist_ok=True)
-    for stale in ("report.json", "nextpnr.json", "outreg.json", f"{NAME}.bit", f"{NAME}.config",
+    for stale in ("report.json", "nextpnr.json", "outreg.json", "dspreg.json", f"{NAME}.bit", f"{NAME}.config",
                   f"{NAME}.json"):
         if os.path.exists(os.path.join(directory, stale)):
             os.remove(os.path.join(directory, stale))
@@ -180,6 +186,8 @@ def build_bitstream(board, root="build", seed=1, progress=False, cfg=None, core=
         raise BoardError(f"nextpnr wrote no readable report in {directory}: {e}") from None
     with open(os.path.join(directory, "outreg.json")) as f:
         folded = json.load(f)
+    with open(os.path.join(directory, "dspreg.json")) as f:
+        multipliers = json.load(f)
 
     target = cfg.clock_hz / 1e6
     fmax = _clock_fmax(nextpnr, target)
@@ -193,7 +201,8 @@ def build_bitstream(board, root="build", seed=1, progress=False, cfg=None, core=
         "config_hash": f"{cfg.hash:08x}", "config": cfg.as_dict(),
         "target_mhz": target, "fmax_mhz": round(fmax, 2), "timing_met": fmax >= target,
         "slack_ns": round(1e3 / target - 1e3 / fmax, 3),
-        "resources": resources, "all": util, "output_registers": folded, "tools": _versions(paths), "seed": seed,
+        "resources": resources, "all": util, "output_registers": folded,
+        "multiplier_registers": multipliers, "tools": _versions(paths), "seed": seed,
         "seconds": round(seconds, 1), "bitstream": os.path.join(directory, f"{NAME}.bit"),
     }
     with open(os.path.join(directory, "report.json.tmp"), "w") as f:
@@ -219,6 +228,9 @@ def format_report(report):
         lines.append(f"  {name:<10} {r['used']:>6} / {r['available']:<6} ({pct:4.1f} %)")
     folded = report["output_registers"]
     lines.append(f"  block RAM ports with their output register: {folded['ports']} "
+                 f"({folded['flip_flops']} flip-flops folded)")
+    folded = report["multiplier_registers"]
+    lines.append(f"  multipliers with their output register: {folded['multipliers']} "
                  f"({folded['flip_flops']} flip-flops folded)")
     lines.append(f"  bitstream {report['bitstream']}")
     return "\n".join(lines)

