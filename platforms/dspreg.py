@@ -27,12 +27,9 @@ The input registers are left alone: whether ``SIGNEDA``/``SIGNEDB`` pass them is
 something this pass assumes.
 """
 
-import argparse
-import json
-import os
 import sys
 
-from .outreg import _Netlist, _is_const, _top
+from .netlist import Netlist, is_const, run_pass, top_module
 
 __all__ = ["fold_multiplier_registers"]
 
@@ -50,13 +47,13 @@ def _control(cell, clock):
     if p.get("REGSET", "RESET") != "RESET":
         return None
     cemux = p.get("CEMUX", "1").strip()
-    if cemux == "1" or _is_const(c.get("CE", ["1"]), "1"):
+    if cemux == "1" or is_const(c.get("CE", ["1"]), "1"):
         enable = "1"
     elif cemux == "CE":
         enable = c["CE"][0]
     else:
         return None
-    if _is_const(c.get("LSR", ["0"]), "0") or p.get("LSRMUX", "LSR") == "0":
+    if is_const(c.get("LSR", ["0"]), "0") or p.get("LSRMUX", "LSR") == "0":
         return enable, "0"
     if p.get("LSRMUX", "LSR") == "LSR" and p.get("SRMODE", "LSR_OVER_CE") == "LSR_OVER_CE" \
             and enable == "1":
@@ -71,8 +68,8 @@ def _plan(net, dsp):
     if any(p.get(reg, "NONE") != "NONE" for reg in _REGISTERS):
         return None
     for k in range(4):
-        if not (_is_const(c.get(f"CLK{k}", ["0"]), "0") and _is_const(c.get(f"RST{k}", ["0"]), "0")
-                and _is_const(c.get(f"CE{k}", ["1"]), "1")):
+        if not (is_const(c.get(f"CLK{k}", ["0"]), "0") and is_const(c.get(f"RST{k}", ["0"]), "0")
+                and is_const(c.get(f"CE{k}", ["1"]), "1")):
             return None
     flops, clocks, controls = {}, set(), set()
     for i in range(_PRODUCT):
@@ -119,7 +116,7 @@ def _fold(net, dsp, flops, clock, enable, reset):
 def fold_multiplier_registers(netlist):
     """Give, in place, the MULT18X18Ds whose products only flip-flops take their output
     register; returns ``{"multipliers": n, "flip_flops": m}``."""
-    net = _Netlist(_top(netlist))
+    net = Netlist(top_module(netlist))
     folded = {"multipliers": 0, "flip_flops": 0}
     for dsp in sorted(name for name, cell in net.cells.items() if cell["type"] == "MULT18X18D"):
         plan = _plan(net, dsp)
@@ -130,30 +127,10 @@ def fold_multiplier_registers(netlist):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m platforms.dspreg",
-        description="Move the flip-flops after MULT18X18D products into their output registers "
-                    "(yosys JSON netlist, in place).")
-    parser.add_argument("netlist", help="yosys's write_json output")
-    parser.add_argument("--summary", help="write what was folded to this JSON file")
-    args = parser.parse_args(argv)
-    try:
-        with open(args.netlist) as f:
-            netlist = json.load(f)
-        folded = fold_multiplier_registers(netlist)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"dspreg: {args.netlist}: {e}", file=sys.stderr)
-        return 2
-    with open(args.netlist + ".tmp", "w") as f:
-        json.dump(netlist, f)
-    os.replace(args.netlist + ".tmp", args.netlist)
-    if args.summary:
-        with open(args.summary, "w") as f:
-            json.dump(folded, f)
-    else:
-        print(f"dspreg: {folded['multipliers']} multipliers register their product "
-              f"({folded['flip_flops']} flip-flops folded)")
-    return 0
+    return run_pass(argv, "dspreg", "Move the flip-flops after MULT18X18D products into their "
+                    "output registers (yosys JSON netlist, in place).", fold_multiplier_registers,
+                    lambda f: f"{f['multipliers']} multipliers register their product "
+                              f"({f['flip_flops']} flip-flops folded)")
 
 
 if __name__ == "__main__":

