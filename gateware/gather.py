@@ -146,8 +146,8 @@ class GatherUnit(wiring.Component):
     Timing
     ------
     - MOVE: the sample's words are read in order from the cycle of the strobe on (the
-      strobe's ``src`` addresses the first) and queued in a 4-word FIFO
-      on credit; the first is at its head 4 cycles after the strobe. From then on each
+      strobe's ``src`` addresses the first) and queued in a
+      `WORD_FIFO_DEPTH`-word (5) FIFO on credit; the first is at its head 4 cycles after the strobe. From then on each
       cycle takes the bytes of the head word that belong to the current activation
       word (up to 4, fewer at the end of either), and the activation word is on
       ``load`` in the cycle after its last byte was taken. ``busy`` falls ``T + 8`` or
